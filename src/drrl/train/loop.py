@@ -1,0 +1,215 @@
+"""The training loop: AdamW, warm-up + cosine schedule, clipping, accumulation, checkpoints, resume.
+
+>>> from drrl.train import RunConfig, train
+>>> result = train(RunConfig.load("configs/shakespeare-gpt-tiny.yaml", ["train.max_steps=50"]), "runs/tiny")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from drrl.data.tokenizer import Tokenizer, get_tokenizer
+from drrl.data.tokens import load_tokens, sample_batch
+from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError
+from drrl.eval.perplexity import evaluate_lm
+from drrl.models.gpt import GPT
+from drrl.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from drrl.train.config import RunConfig
+from drrl.utils import resolve_device, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
+    if tok.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {tok.name} has {tok.vocab_size} ids but model.vocab_size is {vocab_size}; "
+            f"set model.vocab_size >= {tok.vocab_size}"
+        )
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` and prove it is writable before any work is done."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DrrlError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint so the file holds one consistent history."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` and evaluate it; returns the final evaluation dict.
+
+    ``out`` receives ``metrics.jsonl``, ``checkpoints/step_*`` and ``eval.json``. With ``resume=True``
+    the newest valid checkpoint in ``out`` is loaded and training continues exactly where it stopped.
+    """
+    out = Path(out)
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = resolve_device(tc.device)
+
+    # Everything that can fail on bad input happens before the output folder is touched.
+    tok = get_tokenizer(cfg.data.tokenizer)
+    check_vocab(tok, cfg.model.vocab_size)
+    train_tokens = load_tokens(cfg.data.corpus, "train", tok)
+    val_tokens = load_tokens(cfg.eval.corpus or cfg.data.corpus, cfg.eval.split, tok)
+    context = cfg.model.context
+    eval_context = cfg.eval.context or context
+    for name, toks, need in (("train", train_tokens, context + 1), (cfg.eval.split, val_tokens, 2)):
+        if len(toks) < need:
+            raise DataError(f"corpus split {name} has {len(toks)} tokens; it needs at least {need}")
+
+    ckpt = None
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no valid checkpoint in {out}; start without --resume")
+        if ckpt.config["model"] != cfg.to_dict()["model"]:
+            raise ConfigError(f"--resume: the model section differs from the checkpoint in {out}; keep it unchanged")
+    elif list_checkpoints(out):
+        raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    prepare_out_dir(out)
+
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    optimizer = build_optimizer(model, tc)
+    start = 0
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        ckpt.load_model(model)
+        ckpt.load_optimizer(optimizer)
+        ckpt.restore_rng()
+        start = ckpt.step
+        _truncate_metrics(metrics_path, start)
+        log.info("resumed from %s at step %d", ckpt.path, start)
+    else:
+        metrics_path.write_text("")
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * context
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    extra = {"config": cfg.to_dict(), "tokenizer": tok.name, "data": {}}
+    log.info(
+        "model: %.2fM parameters (%.2fM without embeddings)",
+        model.num_params(False) / 1e6,
+        model.num_params() / 1e6,
+    )
+
+    def periodic_eval(step: int) -> None:
+        r = evaluate_lm(
+            model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
+            max_tokens=cfg.eval.periodic_max_tokens, device=device,
+        )  # fmt: skip
+        _append_metrics(
+            metrics_path,
+            {"step": step, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]},
+        )
+        message = f"step {step}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f}"
+        bar.write(message) if progress else log.info(message)
+
+    model.train()
+    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
+    t_start = time.perf_counter()
+    for step in range(start, tc.max_steps):
+        t_step = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = sample_batch(train_tokens, tc.batch_size, context, tc.seed, step, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(**amp):
+                loss = model.loss(x, y) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise DrrlError(f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        steps_since += 1
+        dt = time.perf_counter() - t_step
+        busy += dt
+        busy_total += dt
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            tps = steps_since * tokens_per_step / busy
+            rec = {
+                "step": done,
+                "loss": loss_sum,
+                "lr": lr,
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": tps,
+            }
+            if grad_norm is not None:
+                rec["grad_norm"] = float(grad_norm)
+            _append_metrics(metrics_path, rec)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
+            steps_since, busy = 0, 0.0
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
+            periodic_eval(done)
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
+            extra["data"] = {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step}
+            save_checkpoint(out, done, model, optimizer, extra, keep=tc.keep_checkpoints)
+    bar.close()
+    train_seconds = time.perf_counter() - t_start
+
+    result = evaluate_lm(
+        model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size, device=device
+    )
+    result.update(
+        corpus=cfg.eval.corpus or cfg.data.corpus,
+        split=cfg.eval.split,
+        step=tc.max_steps,
+        train_seconds=train_seconds,
+        train_tokens_per_s=(tc.max_steps - start) * tokens_per_step / max(busy_total, 1e-9),
+    )
+    _append_metrics(
+        metrics_path,
+        {"step": tc.max_steps, "val_loss": result["loss"], "val_ppl": result["ppl"], "final": True},
+    )
+    write_json_atomic(out / "eval.json", result)
+    return result

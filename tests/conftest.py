@@ -1,0 +1,65 @@
+"""Shared fixtures: an isolated token cache, a small local text corpus, a tiny run config."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from drrl.train.config import RunConfig
+
+WORDS = (
+    "the king queen lord lady sword crown night day love death honour grace fool speak hear come go "
+    "thou thee thy art hath doth shall will not what why where when heaven earth blood fair foul"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test session tokenises into its own cache folder, never the user's ~/.cache/drrl."""
+    monkeypatch.setenv("DRRL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "drrl-cache"))
+    torch.manual_seed(0)
+
+
+def make_text(n_lines: int = 1500, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        if i % 7 == 0:
+            lines.append(rng.choice(["HAMLET:", "OPHELIA:", "KING:", "QUEEN:"]))
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))).capitalize() + ".")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> str:
+    """``text:PATH`` spec of a ~70 KB synthetic play (about 15k GPT-2 tokens)."""
+    path = tmp_path_factory.mktemp("corpus") / "play.txt"
+    path.write_text(make_text())
+    return f"text:{path}"
+
+
+def tiny_overrides(corpus: str) -> list[str]:
+    """``--set`` overrides for a model that trains in well under a second per step on CPU."""
+    return [
+        f"data.corpus={corpus}",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.d_model=32",
+        "model.context=32",
+        "train.batch_size=4",
+        "train.max_steps=20",
+        "train.warmup_steps=5",
+        "train.log_every=1",
+        "train.eval_every=10",
+        "train.checkpoint_every=10",
+        "train.device=cpu",
+        "eval.batch_size=16",
+        "eval.periodic_max_tokens=2048",
+    ]
+
+
+@pytest.fixture
+def tiny_cfg(text_corpus) -> RunConfig:
+    return RunConfig.load(None, tiny_overrides(text_corpus))
