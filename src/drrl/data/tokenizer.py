@@ -97,14 +97,24 @@ class HFTokenizer:
         self.name = f"hf:{name_or_path}"
         self.vocab_size = len(self._tok)
         self.eot_id = self._tok.eos_token_id
-        vocab = sorted(self._tok.get_vocab().items())
-        self.fingerprint = sha256_bytes("hf", repr(vocab), type(self._tok).__name__)
+        backend = getattr(self._tok, "backend_tokenizer", None)  # fast tokenizers serialise completely
+        spec = backend.to_str() if backend is not None else repr(sorted(self._tok.get_vocab().items()))
+        self.fingerprint = sha256_bytes("hf", type(self._tok).__name__, spec, repr(getattr(self._tok, "bpe_ranks", "")))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
+    """A model must have an embedding row for every id the tokenizer can produce."""
+    if tok.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {tok.name} has {tok.vocab_size} ids but model.vocab_size is {vocab_size}; "
+            f"set model.vocab_size >= {tok.vocab_size}"
+        )
 
 
 @functools.lru_cache(maxsize=8)

@@ -54,28 +54,52 @@ def load_tokens(
     if not text.strip():
         raise DataError(f"corpus {corpus.name} split {split} is empty; point it at a file with text")
     log.info("tokenising %s/%s (%d characters) with %s", corpus.name, split, len(text), tok.name)
-    ids = np.asarray(tok.encode(text), dtype=np.int64)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
-    with atomic_path(bin_path) as tmp:
-        ids.astype(dtype).tofile(tmp)
-    meta = {"corpus": corpus.name, "split": split, "tokenizer": tok.name, "n_tokens": int(ids.size)}
+    encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
+    pieces = split_for_encoding(text)
+    n_tokens = 0
+    with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
+        for i in range(0, len(pieces), 16):  # bounded memory, tokenizer threads work on 16 pieces at once
+            for ids in encode_batch(pieces[i : i + 16]):
+                np.asarray(ids, dtype=dtype).tofile(f)
+                n_tokens += len(ids)
+    meta = {"corpus": corpus.name, "split": split, "tokenizer": tok.name, "n_tokens": n_tokens}
     write_json_atomic(meta_path, {**meta, "dtype": dtype.name, "characters": len(text)})
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(ids.size,))
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def split_for_encoding(text: str, target: int = 1 << 20) -> list[str]:
+    """Cut ``text`` into pieces of about ``target`` characters that encode to exactly the ids of the
+    whole text: only after a single newline between two non-space characters (``"x\nY"``), where
+    GPT-2-style pre-tokenisation always emits ``"\n"`` as a token of its own."""
+    pieces, start = [], 0
+    while len(text) - start > target:
+        cut = start + target
+        while cut < len(text) - 1 and not (
+            text[cut - 1] == "\n" and not text[cut - 2].isspace() and not text[cut].isspace()
+        ):
+            cut += 1
+        if cut >= len(text) - 1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
 
 
 def _generator(seed: int, *stream: int) -> torch.Generator:
     # A fresh generator per (seed, step, micro-batch): batches depend only on these numbers, so a
     # resumed run draws exactly the batches an uninterrupted run would.
-    mixed = seed
-    for s in stream:
-        mixed = (mixed * 1_000_003 + s + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+    state = np.random.SeedSequence([seed, *stream]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
 def sample_batch(
     tokens: np.ndarray, batch_size: int, context: int, seed: int, step: int, micro: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random contiguous windows: inputs ``x`` and next-token targets ``y``, both (B, context) int64."""
+    """Random contiguous windows: inputs ``x`` and next-token targets ``y``, both (B, context) int64.
+
+    The windows depend only on ``(seed, step, micro)``."""
     if len(tokens) < context + 1:
         raise DataError(
             f"corpus split has {len(tokens)} tokens, fewer than context + 1 = {context + 1}; "

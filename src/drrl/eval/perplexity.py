@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,18 +18,13 @@ from drrl.data.tokens import Window, eval_windows
 @dataclass
 class EvalConfig:
     corpus: str | None = None  # None = the training corpus
-    split: str = "validation"
+    split: Literal["train", "validation", "test"] = "validation"
     context: int | None = None  # None = the model's context
     stride: int | None = None  # None = non-overlapping windows; < context = sliding windows
     batch_size: int = 8
     periodic_max_tokens: int = 32768  # evaluations during training read at most this many tokens
 
     def __post_init__(self):
-        require(
-            self.split in ("train", "validation", "test"),
-            "split",
-            f"must be train, validation or test, got {self.split!r}",
-        )
         require(
             self.context is None or self.context > 0,
             "context",
@@ -67,9 +63,11 @@ def evaluate_lm(
     batch_size: int = 8,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
+    bf16: bool = False,
 ) -> dict:
     """Mean next-token loss and perplexity; every target token is scored exactly once.
 
+    ``bf16`` runs the model under bf16 autocast (the loss is always summed in fp32).
     Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context", "stride"}``.
     """
     device = torch.device(device)
@@ -88,7 +86,7 @@ def evaluate_lm(
                 j += 1
             xs, ys = zip(*(_window_tensors(tokens, w) for w in windows[i:j]), strict=True)
             x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             total += loss.item()

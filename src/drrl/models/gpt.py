@@ -8,6 +8,7 @@ torch.Size([1, 8, 50304])
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drrl.attention import RotaryEmbedding, available_attentions, build_attention
-from drrl.config import require
+from drrl.attention import RotaryEmbedding, available_attentions, build_attention, get_attention_class
+from drrl.config import FieldError, require
 
 
 @dataclass
@@ -50,6 +51,11 @@ class GPTConfig:
         require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
         names = available_attentions(causal=True)
         require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
+        signature = inspect.signature(get_attention_class(self.attention).__init__)
+        try:
+            signature.bind(None, self.d_model, self.n_head, causal=True, bias=self.bias, **self.attention_kwargs)
+        except TypeError as e:
+            raise FieldError("attention_kwargs", f"do not fit attention {self.attention!r}: {e}") from None
 
     @property
     def d_head(self) -> int:

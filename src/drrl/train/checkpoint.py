@@ -98,9 +98,10 @@ def save_checkpoint(
     """Write ``run_dir/checkpoints/step_<step>`` atomically and keep the newest ``keep`` checkpoints."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         save_model(model, str(tmp / "model.safetensors"))
@@ -121,8 +122,8 @@ def save_checkpoint(
         for f in (*FILES, "state.json"):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a damaged checkpoint of the same step: move it aside, never delete it first
+            os.replace(final, root / f".{final.name}.tmp-old-{os.getpid()}")
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +147,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
         files = state["files"]
         int(state["step"])
-        if state.get("format") != FORMAT or "config" not in state:
+        if state.get("format") != FORMAT or "config" not in state or set(files) != set(FILES):
             raise KeyError("format")
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(

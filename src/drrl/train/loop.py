@@ -16,16 +16,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from drrl.data.tokenizer import Tokenizer, get_tokenizer
+from drrl.data.tokenizer import check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens, sample_batch
 from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError
 from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import GPT
-from drrl.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from drrl.train.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
 from drrl.train.config import RunConfig
-from drrl.utils import resolve_device, write_json_atomic
+from drrl.utils import resolve_device, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+# Settings that may change when a run is resumed; every other key fixes the trajectory.
+RESUMABLE_TRAIN_KEYS = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "threads"}
 
 
 def lr_at(step: int, cfg) -> float:
@@ -44,12 +47,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
-    if tok.vocab_size > vocab_size:
-        raise DataError(
-            f"tokenizer {tok.name} has {tok.vocab_size} ids but model.vocab_size is {vocab_size}; "
-            f"set model.vocab_size >= {tok.vocab_size}"
-        )
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def prepare_out_dir(out: Path) -> None:
@@ -63,17 +62,39 @@ def prepare_out_dir(out: Path) -> None:
         raise DrrlError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
 
 
+def check_resumable(ckpt: Checkpoint, cfg: RunConfig, out: Path) -> None:
+    """A resumed run must follow the same trajectory: only logging/eval/checkpoint cadence and devices may change."""
+    old, new = ckpt.config, cfg.to_dict()
+    changed = [f"{s}.{k}" for s in ("model", "data") for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    changed += [
+        f"train.{k}" for k in new["train"] if k not in RESUMABLE_TRAIN_KEYS and old["train"].get(k) != new["train"][k]
+    ]
+    if changed:
+        what = "the model section" if changed[0].startswith("model.") else changed[0]
+        raise ConfigError(
+            f"--resume: {what} differs from the checkpoint in {out} ({', '.join(changed[:4])}); keep it unchanged "
+            "or start a new run in another --out"
+        )
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint so the file holds one consistent history."""
+    """On resume, keep only lines logged up to the checkpoint (a line cut by a crash is dropped)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= step and not rec.get("final"):
+            keep.append(line + "\n")
+    write_text_atomic(path, "".join(keep))
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
@@ -98,70 +119,61 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     for name, toks, need in (("train", train_tokens, context + 1), (cfg.eval.split, val_tokens, 2)):
         if len(toks) < need:
             raise DataError(f"corpus split {name} has {len(toks)} tokens; it needs at least {need}")
-
     ckpt = None
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise CheckpointError(f"--resume: no valid checkpoint in {out}; start without --resume")
-        if ckpt.config["model"] != cfg.to_dict()["model"]:
-            raise ConfigError(f"--resume: the model section differs from the checkpoint in {out}; keep it unchanged")
+        check_resumable(ckpt, cfg, out)
     elif list_checkpoints(out):
         raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    prepare_out_dir(out)
-
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     optimizer = build_optimizer(model, tc)
+    prepare_out_dir(out)
+
     start = 0
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         ckpt.load_model(model)
         ckpt.load_optimizer(optimizer)
         ckpt.restore_rng()
-        start = ckpt.step
+        start = int(ckpt.state["data"]["next_step"])
         _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", ckpt.path, start)
     else:
         metrics_path.write_text("")
 
     tokens_per_step = tc.batch_size * tc.grad_accum * context
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    extra = {"config": cfg.to_dict(), "tokenizer": tok.name, "data": {}}
+    bf16 = use_bf16(tc.precision, device)
     log.info(
-        "model: %.2fM parameters (%.2fM without embeddings)",
+        "model: %.2fM parameters (%.2fM without embeddings), %s, %s",
         model.num_params(False) / 1e6,
         model.num_params() / 1e6,
+        device,
+        "bf16 autocast" if bf16 else "fp32",
     )
+    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
 
-    def periodic_eval(step: int) -> None:
-        r = evaluate_lm(
+    def evaluate(max_tokens: int | None) -> dict:
+        return evaluate_lm(
             model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
-            max_tokens=cfg.eval.periodic_max_tokens, device=device,
+            max_tokens=max_tokens, device=device, bf16=bf16,
         )  # fmt: skip
-        _append_metrics(
-            metrics_path,
-            {"step": step, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]},
-        )
-        message = f"step {step}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f}"
-        bar.write(message) if progress else log.info(message)
 
     model.train()
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
-    t_start = time.perf_counter()
     for step in range(start, tc.max_steps):
         t_step = time.perf_counter()
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory.
+        xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, context, tc.seed, step)
         loss_sum = 0.0
-        for micro in range(tc.grad_accum):
-            x, y = sample_batch(train_tokens, tc.batch_size, context, tc.seed, step, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(**amp):
-                loss = model.loss(x, y) / tc.grad_accum
+        for x, y in zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model.loss(x.to(device), y.to(device)) / tc.grad_accum
             loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
@@ -170,46 +182,47 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        steps_since += 1
         dt = time.perf_counter() - t_step
-        busy += dt
-        busy_total += dt
+        steps_since, busy, busy_total = steps_since + 1, busy + dt, busy_total + dt
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.max_steps:
             tps = steps_since * tokens_per_step / busy
-            rec = {
-                "step": done,
-                "loss": loss_sum,
-                "lr": lr,
-                "tokens": done * tokens_per_step,
-                "tokens_per_s": tps,
-            }
+            rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
             _append_metrics(metrics_path, rec)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
             steps_since, busy = 0, 0.0
         if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
-            periodic_eval(done)
+            r = evaluate(cfg.eval.periodic_max_tokens)
+            _append_metrics(
+                metrics_path, {"step": done, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]}
+            )
+            message = f"step {done}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['tokens']} tokens)"
+            if progress:
+                bar.write(message)
+            else:
+                log.info(message)
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
-            extra["data"] = {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step}
+            extra = {
+                "config": cfg.to_dict(),
+                "tokenizer": tok.name,
+                "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
+                "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step},
+            }
             save_checkpoint(out, done, model, optimizer, extra, keep=tc.keep_checkpoints)
     bar.close()
-    train_seconds = time.perf_counter() - t_start
 
-    result = evaluate_lm(
-        model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size, device=device
-    )
+    result = evaluate(None)
     result.update(
         corpus=cfg.eval.corpus or cfg.data.corpus,
         split=cfg.eval.split,
-        step=tc.max_steps,
-        train_seconds=train_seconds,
-        train_tokens_per_s=(tc.max_steps - start) * tokens_per_step / max(busy_total, 1e-9),
+        step=max(start, tc.max_steps),
+        train_seconds=busy_total,
+        train_tokens_per_s=(tc.max_steps - start) * tokens_per_step / busy_total if busy_total else None,
     )
     _append_metrics(
-        metrics_path,
-        {"step": tc.max_steps, "val_loss": result["loss"], "val_ppl": result["ppl"], "final": True},
+        metrics_path, {"step": result["step"], "val_loss": result["loss"], "val_ppl": result["ppl"], "final": True}
     )
     write_json_atomic(out / "eval.json", result)
     return result
