@@ -27,9 +27,11 @@ def load(run_or_checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Token
     """Model (in eval mode), its tokenizer and the checkpoint record of a run or checkpoint folder."""
     ckpt = resolve_checkpoint(run_or_checkpoint)
     cfg = RunConfig.from_dict(ckpt.config)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    check_vocab(tok, cfg.model.vocab_size)
     model = GPT(cfg.model)
     ckpt.load_model(model)
-    return model.to(resolve_device(device)).eval(), get_tokenizer(cfg.data.tokenizer), ckpt
+    return model.to(resolve_device(device)).eval(), tok, ckpt
 
 
 def evaluate(
@@ -44,36 +46,37 @@ def evaluate(
     out: str | Path | None = None,
 ) -> dict:
     """Perplexity of a trained run; defaults reproduce the run's own final evaluation (``eval.json``)."""
-    ckpt = resolve_checkpoint(run_or_checkpoint)
-    cfg = RunConfig.from_dict(ckpt.config)
     if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
         raise DataError(f"--out {out} must be a file path in an existing folder")
-    if context is None:
-        context = cfg.eval.context or cfg.model.context
-    if context > cfg.model.context:
+    model, tok, ckpt = load(run_or_checkpoint, device)
+    cfg = RunConfig.from_dict(ckpt.config)
+    max_context = cfg.model.context
+    context = context if context is not None else cfg.eval.context or max_context
+    if context > max_context:
         raise DataError(
-            f"--context {context} exceeds the model's maximum context {cfg.model.context}; pass --context <= {cfg.model.context}"
+            f"--context {context} exceeds the model's maximum context {max_context}; pass --context <= {max_context}"
         )
     if context < 1:
         raise DataError(f"--context must be a positive integer, got {context}")
+    stride = stride if stride is not None else cfg.eval.stride
     if stride is not None and not 0 < stride <= context:
         raise DataError(f"--stride must be in 1..context ({context}), got {stride}")
-    dev = resolve_device(device)
-    model = GPT(cfg.model)
-    ckpt.load_model(model)
-    model.to(dev)
-    tok = get_tokenizer(cfg.data.tokenizer)
-    check_vocab(tok, cfg.model.vocab_size)
     corpus = corpus or cfg.eval.corpus or cfg.data.corpus
     split = split or cfg.eval.split
     tokens = load_tokens(corpus, split, tok)
     if len(tokens) < 2:
         raise DataError(f"corpus {corpus} split {split} has fewer than 2 tokens; nothing to evaluate")
+    dev = next(model.parameters()).device
+    batch_size = batch_size if batch_size is not None else cfg.eval.batch_size
     result = evaluate_lm(
-        model, tokens, context, stride=stride if stride is not None else cfg.eval.stride,
-        batch_size=batch_size if batch_size is not None else cfg.eval.batch_size, device=dev,
+        model,
+        tokens,
+        context,
+        stride=stride,
+        batch_size=batch_size,
+        device=dev,
         bf16=use_bf16(cfg.train.precision, dev),
-    )  # fmt: skip
+    )
     result.update(corpus=corpus, split=split, step=ckpt.step, checkpoint=str(ckpt.path))
     if out is not None:
         write_json_atomic(out, result)
