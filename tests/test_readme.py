@@ -25,7 +25,7 @@ def test_readme_opens_with_the_two_commands():
 def test_readme_config_example_is_valid():
     (example,) = blocks("yaml")
     cfg = RunConfig.from_dict(yaml.safe_load(example))
-    assert cfg.model.d_model == 256 and cfg.train.max_steps == 400
+    assert cfg.model.d_model == 256 and cfg.train.max_steps == 320
 
 
 PYTHON = [

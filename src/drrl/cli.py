@@ -179,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="drrl: %(message)s")
-    if args.command in ("train", "eval") and os.environ.get("DRRL_HEAP_ALLOC", "1") != "0":
-        from drrl.utils import set_heap_allocation
-
-        set_heap_allocation(True)  # 1.36x faster CPU training steps (benchmarks/cpu_allocator.py)
     try:
         return COMMANDS[args.command](args)
     except DrrlError as e:

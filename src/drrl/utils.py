@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib.util
 import json
@@ -98,27 +97,3 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cache_dir() -> Path:
     """Where tokenised corpora and downloaded assets live: ``$DRRL_CACHE_DIR`` or ``~/.cache/drrl``."""
     return Path(os.environ.get("DRRL_CACHE_DIR", Path.home() / ".cache" / "drrl"))
-
-
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # glibc mallopt parameters (malloc.h)
-
-
-def set_heap_allocation(on: bool = True) -> bool:
-    """Serve large CPU tensors from the glibc heap instead of fresh ``mmap`` calls, and keep freed memory.
-
-    A training step of a GPT-2-vocabulary model allocates and frees logits of hundreds of MB; by
-    default glibc maps each such block anew, and the kernel zero-fills every page on first touch
-    (a third of a step's time went to page faults on 2 cores). Measured by
-    ``benchmarks/cpu_allocator.py``. Returns ``False`` where glibc's ``mallopt`` is not available.
-    ``on=False`` restores glibc's defaults. The CLI turns it on unless ``DRRL_HEAP_ALLOC=0``.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if on:
-        ok = mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 1 << 30) and mallopt(M_TOP_PAD, 64 << 20)
-    else:  # glibc defaults
-        ok = mallopt(M_MMAP_MAX, 65536) and mallopt(M_TRIM_THRESHOLD, 128 * 1024) and mallopt(M_TOP_PAD, 128 * 1024)
-    return bool(ok)
