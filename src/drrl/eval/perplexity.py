@@ -87,8 +87,13 @@ def evaluate_lm(
             xs, ys = zip(*(_window_tensors(tokens, w) for w in windows[i:j]), strict=True)
             x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                if hasattr(model, "nll"):  # summed NLL without materialising the logits where possible
+                    loss = model.nll(x, y)
+                else:
+                    logits = model(x)
+                    loss = F.cross_entropy(
+                        logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+                    )
             total += loss.item()
             count += int((y != -100).sum())
             i = j

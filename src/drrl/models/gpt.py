@@ -19,6 +19,7 @@ from torch import nn
 
 from drrl.attention import RotaryEmbedding, available_attentions, build_attention, get_attention_class
 from drrl.config import FieldError, require
+from drrl.models.loss import linear_cross_entropy
 
 
 @dataclass
@@ -119,18 +120,29 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> logits (B, L, vocab_size)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> final hidden states (B, L, d_model)."""
         L = idx.shape[1]
         if L > self.cfg.context:
             raise ValueError(f"sequence length {L} exceeds the model context {self.cfg.context}")
         x = self.drop(self.wte(idx))
         for block in self.blocks:
             x = block(x, self.rope)
-        return self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> logits (B, L, vocab_size)."""
+        return self.lm_head(self.hidden(idx))
+
+    def nll(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token negative log-likelihood (fp32 or wider) over ``targets`` (B, L) != -100."""
+        h, t = self.hidden(idx).flatten(0, 1), targets.flatten()
+        if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return linear_cross_entropy(h, self.lm_head.weight, t)  # no (N, V) logits: see models/loss.py
+        logits = self.lm_head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
+        return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; ``targets`` (B, L), -100 = ignore."""
-        logits = self(idx)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        """Mean next-token cross-entropy over ``targets`` (B, L) != -100."""
+        return self.nll(idx, targets) / (targets != -100).sum().clamp(min=1)
