@@ -41,7 +41,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if train:
         ax1.plot(*zip(*train, strict=True), label="train", lw=1)
     if val:
-        ax1.plot(*zip(*val, strict=True), "o-", label="validation")
+        ax1.plot(*zip(*val, strict=True), "o-", label="validation (periodic, capped)")
         ax2.plot([s for s, _ in val], [math.exp(v) for _, v in val], "o-", color="C1", label="periodic (capped)")
     if final:
         ax1.plot(*zip(*final, strict=True), "*", ms=12, color="C3", label="final (whole split)")
