@@ -45,7 +45,8 @@ def evaluate(
     device: str = "auto",
     out: str | Path | None = None,
 ) -> dict:
-    """Perplexity of a trained run; defaults reproduce the run's own final evaluation (``eval.json``)."""
+    """Perplexity of a trained run; on the kind of device it was trained on, the defaults reproduce the
+    run's own final evaluation (``eval.json``)."""
     if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
         raise DataError(f"--out {out} must be a file path in an existing folder")
     model, tok, ckpt = load(run_or_checkpoint, device)
@@ -58,9 +59,10 @@ def evaluate(
         )
     if context < 1:
         raise DataError(f"--context must be a positive integer, got {context}")
+    source = "--stride" if stride is not None else "the run's eval.stride"
     stride = stride if stride is not None else cfg.eval.stride
     if stride is not None and not 0 < stride <= context:
-        raise DataError(f"--stride must be in 1..context ({context}), got {stride}")
+        raise DataError(f"{source} must be in 1..context ({context}), got {stride}; pass --stride <= {context}")
     corpus = corpus or cfg.eval.corpus or cfg.data.corpus
     split = split or cfg.eval.split
     tokens = load_tokens(corpus, split, tok)
@@ -68,6 +70,8 @@ def evaluate(
         raise DataError(f"corpus {corpus} split {split} has fewer than 2 tokens; nothing to evaluate")
     dev = next(model.parameters()).device
     batch_size = batch_size if batch_size is not None else cfg.eval.batch_size
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be a positive integer, got {batch_size}")
     result = evaluate_lm(
         model,
         tokens,

@@ -105,8 +105,10 @@ def cmd_train(args) -> int:
     cfg = RunConfig.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     result = fit(cfg, out, resume=args.resume, progress=not args.quiet)
+    tps = result["train_tokens_per_s"]
+    speed = f"train {tps:,.0f} tok/s" if tps else "no training steps left"
     print(f"eval ({result['corpus']}/{result['split']}): loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
-          f"tokens {result['tokens']}  train {result['train_tokens_per_s']:,.0f} tok/s -> {out / 'eval.json'}")  # fmt: skip
+          f"tokens {result['tokens']}  {speed} -> {out / 'eval.json'}")  # fmt: skip
     return 0
 
 

@@ -36,3 +36,23 @@ def test_all_targets_ignored_gives_zero():
     loss = linear_cross_entropy(h, w, torch.full((4,), -100))
     loss.backward()
     assert loss.item() == 0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_bad_inputs_are_rejected():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(IndexError, match="target -1 is out of bounds for 5 classes"):
+        linear_cross_entropy(h, w, torch.tensor([0, -1, 2]))
+    with pytest.raises(IndexError, match="target 5 is out of bounds"):
+        linear_cross_entropy(h, w, torch.tensor([0, 5, 2]))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        linear_cross_entropy(h.bfloat16(), w.bfloat16(), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="chunk"):
+        linear_cross_entropy(h, w, torch.tensor([0, 1, 2]), chunk=0)
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64)
+    (g,) = torch.autograd.grad(linear_cross_entropy(h, w, torch.tensor([0, 1, 2])), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

@@ -33,3 +33,16 @@ def test_resume_allows_cadence_changes_and_survives_a_cut_metrics_line(finished_
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r for r in records if r.get("final")] == [records[-1]]  # one final evaluation, the new one
     assert result["step"] == 4
+
+
+def test_resume_of_a_finished_run_reevaluates_through_the_cli(finished_run, capsys, tmp_path):
+    from drrl.cli import main
+
+    ov, run = finished_run
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")
+    argv = ["-q", "train", str(defaults), "--out", str(run), "--resume"]
+    for item in ov:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    assert "no training steps left" in capsys.readouterr().out

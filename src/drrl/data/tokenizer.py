@@ -41,6 +41,7 @@ class GPT2Tokenizer:
     """GPT-2 byte-level BPE (50,257 ids, ``<|endoftext|>`` = 50256) through tiktoken."""
 
     name = "gpt2"
+    exact_on_line_cuts = True  # encoding "x\nY"-separated pieces gives the ids of the whole text
 
     def __init__(self):
         import tiktoken

@@ -56,7 +56,9 @@ def load_tokens(
     log.info("tokenising %s/%s (%d characters) with %s", corpus.name, split, len(text), tok.name)
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
     encode_batch = getattr(tok, "encode_batch", None) or (lambda texts: [tok.encode(t) for t in texts])
-    pieces = split_for_encoding(text)
+    # Only GPT-2-style pre-tokenisation is known to encode cut pieces exactly (SentencePiece-style
+    # tokenizers add a prefix space at every piece start), so other tokenizers see the whole text.
+    pieces = split_for_encoding(text) if getattr(tok, "exact_on_line_cuts", False) else [text]
     n_tokens = 0
     with atomic_path(bin_path) as tmp, open(tmp, "wb") as f:
         for i in range(0, len(pieces), 16):  # bounded memory, tokenizer threads work on 16 pieces at once

@@ -137,7 +137,11 @@ class GPT(nn.Module):
     def nll(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token negative log-likelihood (fp32 or wider) over ``targets`` (B, L) != -100."""
         h, t = self.hidden(idx).flatten(0, 1), targets.flatten()
-        if h.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if (
+            h.device.type == "cpu"
+            and h.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled("cpu")
+        ):
             return linear_cross_entropy(h, self.lm_head.weight, t)  # no (N, V) logits: see models/loss.py
         logits = self.lm_head(h)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss

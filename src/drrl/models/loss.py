@@ -43,6 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # gradients come from the forward pass: no double backward
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out, grad_w * grad_out, None, None, None
@@ -54,6 +55,13 @@ def linear_cross_entropy(
     """Summed next-token NLL of ``h @ weight.T``: ``h`` (N, D), ``weight`` (V, D), ``targets`` (N,) with
     -100 = ignore. Equals ``F.cross_entropy(h @ weight.T, targets, ignore_index=-100, reduction="sum")``
     (tested in float64, outputs and gradients)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk}")
+    if h.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"linear_cross_entropy sums in the input dtype and needs float32 or float64, got {h.dtype}")
+    bad = ((targets < 0) & (targets != -100)) | (targets >= weight.shape[0])
+    if bool(bad.any()):
+        raise IndexError(f"target {int(targets[bad][0])} is out of bounds for {weight.shape[0]} classes")
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, with_grad)
 

@@ -123,7 +123,7 @@ def save_checkpoint(
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # a damaged checkpoint of the same step: move it aside, never delete it first
-            os.replace(final, root / f".{final.name}.tmp-old-{os.getpid()}")
+            os.replace(final, root / f".damaged-{final.name}-{os.getpid()}")
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -101,7 +101,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     """Train ``cfg.model`` on ``cfg.data`` and evaluate it; returns the final evaluation dict.
 
     ``out`` receives ``metrics.jsonl``, ``checkpoints/step_*`` and ``eval.json``. With ``resume=True``
-    the newest valid checkpoint in ``out`` is loaded and training continues exactly where it stopped.
+    the newest valid checkpoint in ``out`` is loaded and training continues exactly where it stopped
+    (bit for bit on the same kind of device; after a CPU <-> CUDA move only up to rounding).
     """
     out = Path(out)
     tc = cfg.train
