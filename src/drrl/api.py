@@ -13,8 +13,7 @@ from drrl.models.gpt import GPT
 from drrl.train.checkpoint import Checkpoint, resolve_checkpoint
 from drrl.train.config import RunConfig
 from drrl.train.loop import train as _train
-from drrl.train.loop import use_bf16
-from drrl.utils import resolve_device, write_json_atomic
+from drrl.utils import resolve_device, use_bf16, write_json_atomic
 
 
 def fit(config: str | Path | RunConfig | None, out: str | Path, overrides: Sequence[str] = (), **kwargs) -> dict:

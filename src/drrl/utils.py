@@ -94,6 +94,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``train.precision``: ``auto`` means bf16 autocast on CUDA and fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def cache_dir() -> Path:
     """Where tokenised corpora and downloaded assets live: ``$DRRL_CACHE_DIR`` or ``~/.cache/drrl``."""
     return Path(os.environ.get("DRRL_CACHE_DIR", Path.home() / ".cache" / "drrl"))

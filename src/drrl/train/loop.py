@@ -23,7 +23,7 @@ from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import GPT
 from drrl.train.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
 from drrl.train.config import RunConfig
-from drrl.utils import resolve_device, write_json_atomic, write_text_atomic
+from drrl.utils import resolve_device, use_bf16, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def prepare_out_dir(out: Path) -> None:
