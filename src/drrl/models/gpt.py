@@ -52,11 +52,17 @@ class GPTConfig:
         require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
         names = available_attentions(causal=True)
         require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
-        signature = inspect.signature(get_attention_class(self.attention).__init__)
+        cls = get_attention_class(self.attention)
+        signature = inspect.signature(cls.__init__)
         try:
             signature.bind(None, self.d_model, self.n_head, causal=True, bias=self.bias, **self.attention_kwargs)
         except TypeError as e:
             raise FieldError("attention_kwargs", f"do not fit attention {self.attention!r}: {e}") from None
+        try:  # the constructor's own checks (ranks above the head dimension, unknown modes), at no cost
+            with torch.device("meta"):
+                cls(self.d_model, self.n_head, causal=True, bias=self.bias, **self.attention_kwargs)
+        except (ValueError, TypeError) as e:
+            raise FieldError("attention_kwargs", f"invalid for attention {self.attention!r}: {e}") from None
 
     @property
     def d_head(self) -> int:
@@ -98,6 +104,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        for i, block in enumerate(self.blocks):
+            block.attn.layer_idx = i
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
@@ -115,6 +123,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def attention_stats(self) -> list[dict]:
+        """Per-layer statistics of attentions that keep them (e.g. drrl's mean executed rank), since the last call."""
+        return [b.attn.pop_stats() if hasattr(b.attn, "pop_stats") else {} for b in self.blocks]
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

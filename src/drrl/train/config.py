@@ -90,6 +90,13 @@ class RunConfig:
                 f"must be <= the eval context ({window}), got {self.eval.stride}",
             )
 
+        require(
+            not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),
+            "model.attention_kwargs.basis",
+            "calibrated bases are fitted to a trained model and go stale while it trains; train with basis=online "
+            "(the default) and calibrate afterwards (drrl.attention.calibrating)",
+        )
+
     def to_dict(self) -> dict:
         return to_dict(self)
 

@@ -153,10 +153,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
 
     def evaluate(max_tokens: int | None) -> dict:
-        return evaluate_lm(
+        result = evaluate_lm(
             model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
             max_tokens=max_tokens, device=device, bf16=bf16,
         )  # fmt: skip
+        model.attention_stats()  # drop the evaluation's rank counters: the training log reports training steps
+        return result
 
     model.train()
     steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
@@ -187,6 +189,9 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
+            layer_stats = model.attention_stats()
+            if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
+                rec["attention"] = layer_stats
             _append_metrics(metrics_path, rec)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
             steps_since, busy = 0, 0.0

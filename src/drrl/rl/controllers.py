@@ -1,0 +1,138 @@
+"""Rank controllers: given per-segment statistics of one layer, choose a rank bucket for each segment.
+
+A controller sees only prefix statistics (detached), so a decision for segment s depends on tokens
+before s. The attention module enforces the guardrail afterwards (a choice masked as unsafe moves up
+to the nearest safe bucket), so every controller obeys it; learning controllers should also use
+``stats.allowed`` themselves (−inf logits) to keep their log-probabilities honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SegmentStats:
+    """Statistics of one layer's forward pass, one row per segment.
+
+    Attributes:
+        layer: layer index (−1 when the module is not inside a model).
+        buckets: (n_buckets,) int64 candidate ranks, ascending; the last is r_max.
+        energy: (n_segments, n_buckets) fraction of the score energy ‖Q Kᵀ‖_F² of the sequence's prefix
+            (all tokens before the segment, no causal mask; pooled over heads) that the executed basis keeps
+            at each bucket (1 − relative truncation error), in [0, 1]. While the prefix has fewer than d
+            tokens, every bucket at or above its length keeps everything.
+        bound: (n_segments, n_buckets) upper bound, on the same prefix, of ‖O − Õ‖_F / ‖V‖_F at each bucket
+            (max over heads; drrl.linalg.bounds), a prediction for the segment. Zeros unless a guard is set
+            or the controller has ``needs_bound = True``.
+        allowed: (n_segments, n_buckets) bool, False where the guardrail masks a bucket.
+        decide: (n_segments,) bool, False for segments without a decision (no prefix: full rank).
+        step: training-step counter of the module (for schedules and random streams).
+    """
+
+    layer: int
+    buckets: torch.Tensor
+    energy: torch.Tensor
+    bound: torch.Tensor
+    allowed: torch.Tensor
+    decide: torch.Tensor
+    step: int = 0
+
+
+class RankController(nn.Module):
+    """Interface: ``forward(stats) -> (n_segments,) int64 bucket indices``. An ``nn.Module`` so learned
+    controllers carry parameters and state dicts. ``needs_stats = False`` lets the attention skip the
+    per-segment statistics (``energy`` is then all ones); ``needs_bound = True`` asks for the guardrail
+    bound even without a guard."""
+
+    needs_stats: bool = True
+    needs_bound: bool = False
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def flops_per_decision(self, n_buckets: int) -> int:
+        """Arithmetic per (layer, segment) decision, counted by drrl.flops like every other overhead."""
+        return 0
+
+
+_CONTROLLERS: dict[str, type[RankController]] = {}
+
+
+def register_controller(name: str):
+    def deco(cls):
+        _CONTROLLERS[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return deco
+
+
+def available_controllers() -> list[str]:
+    return sorted(_CONTROLLERS)
+
+
+def build_controller(name: str, **kwargs) -> RankController:
+    if name not in _CONTROLLERS:
+        raise ValueError(f"unknown rank controller {name!r}; available: {', '.join(available_controllers())}")
+    return _CONTROLLERS[name](**kwargs)
+
+
+@register_controller("fixed")
+class FixedController(RankController):
+    """The same rank for every segment (the "fixed low-rank" baseline)."""
+
+    needs_stats = False
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = int(rank)
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        hit = (stats.buckets == self.rank).nonzero()
+        if len(hit) == 0:
+            raise ValueError(f"fixed rank {self.rank} is not a bucket; buckets are {stats.buckets.tolist()}")
+        return hit[0, 0].expand(stats.energy.shape[0]).clone()
+
+
+@register_controller("random")
+class RandomController(RankController):
+    """A uniformly random allowed bucket per segment, reproducible from (seed, layer, segment, step)."""
+
+    needs_stats = False
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        out, allowed = [], stats.allowed.cpu()
+        for s in range(stats.energy.shape[0]):
+            g = torch.Generator().manual_seed(hash((self.seed, stats.layer, s, stats.step)) & (2**62 - 1))
+            choices = allowed[s].nonzero().flatten()
+            if len(choices) == 0:
+                choices = torch.tensor([len(stats.buckets) - 1])
+            out.append(choices[torch.randint(len(choices), (1,), generator=g)].item())
+        return torch.tensor(out, dtype=torch.long)
+
+
+@register_controller("energy")
+class EnergyController(RankController):
+    """The energy-threshold rule: the smallest bucket whose kept energy is at least ``tau``."""
+
+    def __init__(self, tau: float = 0.95):
+        super().__init__()
+        if not 0 < tau <= 1:
+            raise ValueError(f"energy threshold tau must be in (0, 1], got {tau}")
+        self.tau = float(tau)
+
+    def flops_per_decision(self, n_buckets: int) -> int:
+        return 2 * n_buckets  # compare, then select the first qualifying bucket
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        ok = (stats.energy >= self.tau) & stats.allowed
+        ok[:, -1] = True  # r_max always qualifies
+        return ok.float().argmax(-1).cpu()  # first True

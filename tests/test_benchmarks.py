@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end on tiny shapes and write the JSON layout BENCHMARKS.md relies on."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_attention_benchmark_writes_its_schema(tmp_path, capsys):
+    bench = load_script("attention")
+    out = tmp_path / "a.json"
+    argv = ["--lengths", "256", "--decode-lengths", "512", "--rounds", "1", "--min-time", "0.001", "--json", str(out)]
+    bench.main(argv + ["--segments", "64"])
+    data = json.loads(out.read_text())
+    assert data["device"] and data["torch"]
+    keys = {"L", "rank", "time_ratio_vs_sdpa", "score_flops_reduction", "overhead_fraction"}
+    assert data["prefill"] and all(keys <= row.keys() for row in data["prefill"])
+    fixed = [r for r in data["prefill"] if r["variant"] == "calibrated/fixed-16"][0]
+    assert fixed["score_flops_reduction"] == 0.75 and fixed["kernel_score_flops_reduction"] == 0.0  # CPU pads
+    assert {(r["L"], r["rank"]) for r in data["decode"]} == {(512, 16), (512, 32)}
+    assert all({"L", "rank", "d", "speedup_vs_sdpa", "bytes_limit"} <= r.keys() for r in data["decode"])
+    assert "prefill L=" in capsys.readouterr().out
