@@ -53,5 +53,5 @@ def test_drrl_training_resumes_exactly(tiny_overrides_list, tmp_path):
 
 
 def test_calibrated_bases_are_refused_for_training(tiny_overrides_list):
-    with pytest.raises(ConfigError, match="basis=online"):
+    with pytest.raises(ConfigError, match="must be online"):
         RunConfig.load(None, tiny_overrides_list + DRRL + ["model.attention_kwargs.basis=calibrated"])

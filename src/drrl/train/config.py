@@ -93,8 +93,8 @@ class RunConfig:
         require(
             not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),
             "model.attention_kwargs.basis",
-            "calibrated bases are fitted to a trained model and go stale while it trains; train with basis=online "
-            "(the default) and calibrate afterwards (drrl.attention.calibrating)",
+            "must be online (the default) for training: calibrated bases are fitted to a trained model and go "
+            "stale while it trains; calibrate after training (drrl.attention.calibrating)",
         )
 
     def to_dict(self) -> dict:
