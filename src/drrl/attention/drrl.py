@@ -14,8 +14,9 @@ Bases (``basis=``):
     any stale basis, so no bound is needed) has dropped by more than ``refresh_tol`` at some bucket since its
     refresh. Segment 0 uses the calibrated maps when there are some, else full rank.
 
-Causality: the basis and the rank used at positions of segment s depend only on tokens before segment
-s (or on calibration data). Keys of all earlier positions are projected with the basis of the queries'
+Causality: the basis and the rank used at positions of segment s depend only on tokens of the same
+sequence before segment s (or on calibration data): bases, statistics and ranks are planned per
+sequence, so no row of a batch sees another row's tokens. Keys of all earlier positions are projected with the basis of the queries'
 segment, so one attention call covers each run of segments that share a basis version.
 
 Kernel paths (``kernel_path``): on CPU, SDPA runs its fused kernel only when q, k and v share a width,
