@@ -48,6 +48,7 @@ from drrl.linalg import (
     truncation_errors,
 )
 from drrl.rl.controllers import RankController, SegmentStats, build_controller
+from drrl.rl.reward import cost_ratio, reward, segment_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ class DynamicLowRankAttention(Attention):
         return energy, bound
 
     @torch.no_grad()
-    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Plan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0) -> Plan:
         """Decide bases and ranks for every segment of one sequence's post-RoPE q, k, v, each (1, H, L, d).
 
         Statistics run in float32 (float64 for float64 inputs) with autocast off, whatever the caller's
@@ -334,9 +335,9 @@ class DynamicLowRankAttention(Attention):
         if q.shape[0] != 1:
             raise ValueError(f"plan() takes one sequence (batch 1), got batch {q.shape[0]}; attend() plans per row")
         with torch.autocast(q.device.type, enabled=False), torch.autocast("cpu", enabled=False):
-            return self._plan(q, k, v)
+            return self._plan(q, k, v, row)
 
-    def _plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Plan:
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int) -> Plan:
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
         n_seg = -(-L // T)
@@ -383,6 +384,16 @@ class DynamicLowRankAttention(Attention):
                 if gv is not None:
                     gv[0] = g0[2]
         finite = torch.isfinite(gq.sum((-3, -2, -1)) + gk.sum((-3, -2, -1))).cpu()  # NaN/inf reach the sums
+        # cheap "sequence dynamics" for learned controllers: mean squared query/key norm of the prefix, position
+        ntok = (torch.arange(n_seg, device=q.device) * T * B).clamp(min=B * min(T, L)).to(sdt)
+        seq_feats = torch.stack(
+            [
+                (gq.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
+                (gk.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
+                torch.arange(n_seg, device=q.device, dtype=sdt) / max(n_seg - 1, 1),
+            ],
+            -1,
+        ).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
         if self.basis == "calibrated":
             for s in range(n_seg):
@@ -467,7 +478,9 @@ class DynamicLowRankAttention(Attention):
         if self.guard_eps is not None:
             allowed = bound <= self.guard_eps
             allowed[:, -1] |= ~allowed.any(1)  # nothing safe: r_max
-        stats = SegmentStats(self.layer_idx, self.buckets, energy, bound, allowed, decide, self.step_count)
+        stats = SegmentStats(
+            self.layer_idx, self.buckets, energy, bound, allowed, decide, self.step_count, row, seq_feats
+        )
         choice = self.controller(stats).tolist()
         buckets, decided, safe = self.buckets.tolist(), decide.tolist(), allowed.tolist()  # one transfer each
         ranks = []
@@ -504,10 +517,14 @@ class DynamicLowRankAttention(Attention):
             plans = [self.plan(q[:1], k[:1], v[:1])]
             out = self._execute(q, k, v, plans[0], scale)
         else:  # bases, statistics and ranks per sequence: row b never sees another row's tokens
-            plans = [self.plan(q[b : b + 1], k[b : b + 1], v[b : b + 1]) for b in range(B)]
-            out = torch.cat(
-                [self._execute(q[b : b + 1], k[b : b + 1], v[b : b + 1], p, scale) for b, p in enumerate(plans)]
-            )
+            plans, outs = [], []
+            for b in range(B):
+                qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
+                plans.append(self.plan(qb, kb, vb, row=b))
+                outs.append(self._execute(qb, kb, vb, plans[-1], scale))
+                if getattr(self.controller, "wants_reward", False):
+                    self._reward(plans[-1], qb, kb, vb, outs[-1], b, scale)
+            out = torch.cat(outs)
         self.last_plans, self.last_plan = plans, plans[0]
         self._totals["calls"] += 1
         if self.training:
@@ -547,6 +564,25 @@ class DynamicLowRankAttention(Attention):
         plan.path = "+".join(sorted(paths))
         self._record(plan, (B, H, L, d))
         return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+    @torch.no_grad()
+    def _reward(self, plan: Plan, q, k, v, y, row: int, scale: float) -> None:
+        """Score each executed decision against a full-rank teacher branch (training cost, counted) and
+        report the rewards to the controller (drrl.rl.reward)."""
+        B, H, L, d = q.shape
+        T = self.segment if self.causal else L
+        teacher = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+        plan.flops["teacher"] += sum(flops.full_attention(B, H, L, d, self.causal).values())
+        fidelity = segment_fidelity(y, teacher, T)
+        buckets, cfg = self.buckets.tolist(), self.controller.reward_cfg
+        rewards = []
+        for s, r in enumerate(plan.ranks):
+            if not bool(plan.stats.decide[s]):
+                continue
+            bound = plan.stats.bound[s, buckets.index(r) if r in buckets else -1]
+            cost = cost_ratio(r, d, s * T, min(T, L - s * T), self.causal)
+            rewards.append(float(reward(fidelity[s], torch.tensor(cost), bound.cpu(), cfg)))
+        self.controller.observe(row, rewards)
 
     def _record(self, plan: Plan, shape: tuple[int, ...]) -> None:
         t = self._totals

@@ -31,6 +31,7 @@ class SegmentStats:
         allowed: (n_segments, n_buckets) bool, False where the guardrail masks a bucket.
         decide: (n_segments,) bool, False for segments without a decision (no prefix: full rank).
         step: training-step counter of the module (for schedules and random streams).
+        row, features: see the fields.
     """
 
     layer: int
@@ -40,6 +41,8 @@ class SegmentStats:
     allowed: torch.Tensor
     decide: torch.Tensor
     step: int = 0
+    row: int = 0  # the sequence within the batch (decisions are per sequence)
+    features: torch.Tensor | None = None  # (n_segments, f): cheap prefix statistics ("sequence dynamics")
 
 
 class RankController(nn.Module):
@@ -136,3 +139,102 @@ class EnergyController(RankController):
         ok = (stats.energy >= self.tau) & stats.allowed
         ok[:, -1] = True  # r_max always qualifies
         return ok.float().argmax(-1).cpu()  # first True
+
+
+@register_controller("rl")
+class RLController(RankController):
+    """The DR-RL controller: a :class:`~drrl.rl.policy.RankPolicy` shared by all layers.
+
+    Per sequence (``stats.row``) it builds the decision sequence of the forward pass, decides segment by
+    segment (the previous rank is part of the state), and, when ``explore`` is on, samples from the
+    ε-mixture and records an :class:`~drrl.rl.ppo.Episode` step; the attention then reports each executed
+    decision's reward through :meth:`observe`. ``collect()`` hands finished episodes to PPO. Call
+    ``begin()`` before each forward pass.
+    """
+
+    needs_stats = True
+    needs_bound = True
+
+    def __init__(self, policy, *, reward=None, epsilon=None, seed: int = 0):
+        super().__init__()
+        from drrl.rl.policy import EpsilonSchedule
+        from drrl.rl.reward import RewardConfig
+
+        self.policy = policy
+        self.reward_cfg = reward or RewardConfig()
+        self.epsilon = epsilon or EpsilonSchedule()
+        self.explore = True
+        self.updates = 0  # PPO updates so far (drives the ε schedule)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._rows: dict[int, dict] = {}
+        self._last_len = 0
+
+    @property
+    def wants_reward(self) -> bool:
+        return self.explore and self.training
+
+    def begin(self) -> None:
+        self._rows = {}
+
+    @staticmethod
+    def features(stats: SegmentStats) -> torch.Tensor:
+        extra = stats.features if stats.features is not None else torch.zeros(len(stats.energy), 0)
+        return torch.cat([stats.energy.float(), stats.bound.float().log1p(), extra.float()], -1).cpu()
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        from drrl.rl.policy import sample
+
+        nb = len(stats.buckets)
+        param = next(self.policy.parameters())
+        feats, allowed, decide = self.features(stats).to(param.dtype), stats.allowed.cpu(), stats.decide.cpu()
+        ep = self._rows.setdefault(stats.row, {k: [] for k in ("feats", "layers", "segments", "prev", "allowed",
+                                                                "actions", "logp", "values", "rewards")})  # fmt: skip
+        eps = self.epsilon(self.updates) if self.explore else 0.0
+        out = torch.full((len(feats),), nb - 1, dtype=torch.long)
+        prev = nb
+        device = param.device
+        for s in range(len(feats)):
+            if not bool(decide[s]):
+                continue
+            ep["feats"].append(feats[s]), ep["layers"].append(max(stats.layer, 0)), ep["segments"].append(s)
+            ep["prev"].append(prev), ep["allowed"].append(allowed[s])
+            with torch.no_grad():
+                logits, values = self.policy(*(t.to(device) for t in self._tensors(ep)))
+            a, lp = sample(logits[-1:].cpu(), allowed[s : s + 1], eps, self.generator, greedy=not self.explore)
+            ep["actions"].append(int(a)), ep["logp"].append(float(lp)), ep["values"].append(float(values[-1]))
+            out[s] = prev = int(a)
+        self._last_len = len(ep["actions"])
+        return out
+
+    @staticmethod
+    def _tensors(ep: dict):
+        return (
+            torch.stack(ep["feats"]),
+            torch.tensor(ep["layers"]),
+            torch.tensor(ep["segments"]),
+            torch.tensor(ep["prev"]),
+            torch.stack(ep["allowed"]),
+        )
+
+    def observe(self, row: int, rewards: list[float]) -> None:
+        """Rewards of the decisions just executed for ``row`` (in the order they were decided)."""
+        self._rows[row]["rewards"].extend(rewards)
+
+    def collect(self) -> list:
+        """Finished episodes (every executed decision rewarded), as PPO episodes; clears the buffer."""
+        from drrl.rl.ppo import Episode
+
+        eps = self.epsilon(self.updates)
+        out = []
+        for ep in self._rows.values():
+            if ep["actions"] and len(ep["rewards"]) == len(ep["actions"]):
+                feats, layers, segments, prev, allowed = self._tensors(ep)
+                out.append(Episode(feats, layers, segments, prev, allowed, torch.tensor(ep["actions"]),
+                                   torch.tensor(ep["logp"]), torch.tensor(ep["values"]),
+                                   torch.tensor(ep["rewards"]), eps))  # fmt: skip
+        self._rows = {}
+        return out
+
+    def flops_per_decision(self, n_buckets: int) -> int:
+        # the policy re-encodes the decision sequence so far: ≈ 2 FLOPs per parameter per position
+        return 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)

@@ -1,0 +1,160 @@
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from drrl.attention import DynamicLowRankAttention
+from drrl.models import GPT, GPTConfig
+from drrl.rl import PPO, Episode, EpsilonSchedule, PPOConfig, RankPolicy, RewardConfig, RLController
+from drrl.rl.policy import decision_mask, mixture_log_probs, sample
+from drrl.rl.reward import cost_ratio
+
+
+def test_epsilon_schedule_is_step_based():
+    sched = EpsilonSchedule(start=0.5, end=0.1, decay_steps=4)
+    assert [round(sched(s), 3) for s in (0, 2, 4, 10)] == [0.5, 0.3, 0.1, 0.1]
+
+
+def test_decisions_never_see_later_segments_of_earlier_layers():
+    # layer-major order: (l0, s0), (l0, s1), (l1, s0), (l1, s1)
+    blocked = decision_mask(torch.tensor([0, 1, 0, 1]))
+    assert blocked[2, 1]  # layer 1 segment 0 must not see layer 0 segment 1 (later tokens)
+    assert not blocked[2, 0] and not blocked[3, 1] and not blocked[3, 2]
+    assert blocked[0, 1]  # nor anything later in the sequence
+
+
+def test_masked_actions_are_never_sampled_and_mixture_is_a_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5)
+    allowed = torch.rand(64, 5) > 0.4
+    allowed[:, 2] = True
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    for eps in (0.0, 0.5, 1.0):
+        lp = mixture_log_probs(logits, allowed, eps)
+        torch.testing.assert_close(lp.exp().sum(-1), torch.ones(64))
+        for _ in range(20):
+            a, logp = sample(logits, allowed, eps, g)
+            assert allowed[torch.arange(64), a].all()
+            torch.testing.assert_close(logp, lp[torch.arange(64), a])
+
+
+def bandit_episode(policy, eps, g, best=2):
+    feats, z = torch.ones(1, 3), torch.zeros(1, dtype=torch.long)
+    allowed = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        logits, values = policy(feats, z, z, torch.full((1,), 4), allowed)
+    a, lp = sample(logits, allowed, eps, g)
+    r = (a == best).float()
+    return Episode(feats, z, z, torch.full((1,), 4), allowed, a, lp, values, r, eps)
+
+
+def test_ppo_finds_the_best_arm_of_a_bandit():
+    torch.manual_seed(0)
+    policy = RankPolicy(3, 4, 1, d_model=16, n_head=2, n_layer_enc=1)
+    ppo = PPO(policy, PPOConfig(lr=3e-3, epochs=4))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        ppo.update([bandit_episode(policy, 0.1, g) for _ in range(16)])
+    feats, z = torch.ones(1, 3), torch.zeros(1, dtype=torch.long)
+    logits, _ = policy(feats, z, z, torch.full((1,), 4), torch.ones(1, 4, dtype=torch.bool))
+    assert int(logits.argmax()) == 2
+    assert logits.softmax(-1)[0, 2] > 0.8
+
+
+def rl_attention(bias_to: int | None = None, explore=True):
+    torch.manual_seed(0)
+    m = DynamicLowRankAttention(32, 2, segment=8).double()
+    nb = len(m.buckets)
+    policy = RankPolicy(2 * nb + 3, nb, 1, d_model=16, n_head=2, n_layer_enc=1).double()
+    if bias_to is not None:  # force one bucket
+        with torch.no_grad():
+            policy.pi.weight.zero_()
+            policy.pi.bias.fill_(-50.0)
+            policy.pi.bias[bias_to] = 50.0
+    ctrl = RLController(policy, epsilon=EpsilonSchedule(0.0, 0.0), reward=RewardConfig())
+    ctrl.explore = explore
+    m.set_controller(ctrl)
+    return m, ctrl
+
+
+def test_reward_depends_on_the_executed_rank_with_no_constant_terms():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    rewards = {}
+    for bucket in (0, 1):  # rank 8, rank 16 (= full for d_head 16)
+        m, ctrl = rl_attention(bias_to=bucket)
+        m.train()
+        ctrl.begin()
+        m.attend(q, k, v)
+        (ep,) = ctrl.collect()
+        assert (ep.actions == bucket).all() and len(ep.rewards) == 4  # segments 1..4 decided (0 has no prefix)
+        rewards[bucket] = ep.rewards
+    # full rank: fidelity 1, bound 0, cost 1 -> R = alpha - beta exactly
+    torch.testing.assert_close(rewards[1], torch.full((4,), 1.0 - 0.05, dtype=torch.float32), rtol=0, atol=1e-5)
+    assert (rewards[0] != rewards[1]).all()
+    assert cost_ratio(8, 16, 8, 8) < cost_ratio(16, 16, 8, 8) == 1.0
+
+
+def test_policy_checkpoint_round_trips(tmp_path):
+    policy = RankPolicy(7, 3, 2)
+    save_file(policy.state_dict(), tmp_path / "policy.safetensors")
+    again = RankPolicy(7, 3, 2)
+    again.load_state_dict(load_file(tmp_path / "policy.safetensors"))
+    args = (
+        torch.randn(5, 7),
+        torch.tensor([0, 0, 1, 1, 1]),
+        torch.tensor([1, 2, 1, 2, 3]),
+        torch.tensor([3, 0, 3, 1, 2]),
+    )
+    allowed = torch.ones(5, 3, dtype=torch.bool)
+    for a, b in zip(policy.eval()(*args, allowed), again.eval()(*args, allowed), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ppo_updates_from_attention_rollouts():
+    g = torch.Generator().manual_seed(1)
+    m, ctrl = rl_attention()
+    ctrl.epsilon = EpsilonSchedule(0.3, 0.3)
+    ppo = PPO(ctrl.policy, PPOConfig(epochs=2))
+    m.train()
+    for _ in range(3):
+        ctrl.begin()
+        m.attend(*(torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3)))
+        episodes = ctrl.collect()
+        assert len(episodes) == 2  # one per sequence
+        stats = ppo.update(episodes)
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+        ctrl.updates += 1
+    assert m.last_plan.flops["teacher"] > 0 and m.last_plan.flops["controller"] > 0
+
+
+def test_gpt_with_the_rl_controller_has_no_causal_leakage():
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=97, context=24, n_layer=2, n_head=2, d_model=32, attention="drrl", attention_kwargs={"segment": 4}
+    )
+    model = GPT(cfg).double().eval()
+    nb = len(model.blocks[0].attn.buckets)
+    ctrl = RLController(RankPolicy(2 * nb + 3, nb, 2, d_model=16, n_head=2).double())
+    ctrl.explore = False
+    for block in model.blocks:
+        block.attn.set_controller(ctrl)
+    idx = torch.randint(0, 97, (2, 24))
+    ctrl.begin()
+    base = model(idx)
+    for t in (2, 9, 22):
+        changed = idx.clone()
+        changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 97
+        ctrl.begin()
+        torch.testing.assert_close(model(changed)[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("explore", [True, False])
+def test_greedy_and_exploring_controllers_respect_the_guardrail(explore):
+    m, ctrl = rl_attention(bias_to=0, explore=explore)
+    m.guard_eps = 1e-9  # nothing below full rank is safe
+    m.train()
+    ctrl.begin()
+    g = torch.Generator().manual_seed(2)
+    m.attend(*(torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3)))
+    assert all(r == 16 for r in m.last_plan.ranks)
