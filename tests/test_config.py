@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -83,3 +84,14 @@ def test_run_config_roundtrip_and_cross_checks(tmp_path):
         load_yaml(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_config_is_valid(path):
+    cfg = RunConfig.load(path)
+    assert cfg.train.max_steps > 0
+    if "drrl-hybrid" in path.name:
+        assert cfg.train.mode == "hybrid" and cfg.model.attention_kwargs["controller"] == "rl"
+        assert cfg.rl.loss_weight == 0.1 and (cfg.rl.alpha, cfg.rl.beta, cfg.rl.gamma) == (1.0, 0.05, 0.1)

@@ -47,7 +47,7 @@ from drrl.linalg import (
     subspace_iteration,
     truncation_errors,
 )
-from drrl.rl.controllers import RankController, SegmentStats, build_controller
+from drrl.rl.controllers import PendingRLController, RankController, SegmentStats, build_controller
 from drrl.rl.reward import cost_ratio, reward, segment_fidelity
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ class DynamicLowRankAttention(Attention):
         segment: tokens per rank decision T (causal mode; a non-causal encoder makes one decision).
         basis: ``"online"`` (prefix statistics, causal only) or ``"calibrated"``.
         controller: ``"energy"`` (smallest bucket keeping ≥ ``tau`` of the score energy), ``"fixed"``
-            (``rank``), ``"random"`` (``seed``); :meth:`set_controller` installs any
+            (``rank``), ``"random"`` (``seed``), ``"rl"`` (a learned policy the model installs, shared by
+            its layers); :meth:`set_controller` installs any
             :class:`~drrl.rl.controllers.RankController` (e.g. a learned policy).
         guard_eps: mask ranks whose bound on the relative output error exceeds this (None: no mask).
         refresh_tol: online mode refreshes the basis when its kept energy at a bucket drops by more than this.
@@ -213,8 +214,10 @@ class DynamicLowRankAttention(Attention):
             ctrl = build_controller("random", seed=seed)
         elif controller == "energy":
             ctrl = build_controller("energy", tau=tau)
+        elif controller == "rl":  # the model installs one shared RLController (drrl.models.GPT does)
+            ctrl = PendingRLController()
         else:
-            raise ValueError(f"controller must be one of energy, fixed, random, got {controller!r}")
+            raise ValueError(f"controller must be one of energy, fixed, random, rl, got {controller!r}")
         self.r_max, self.segment, self.basis, self.guard_eps = r_max, int(segment), basis, guard_eps
         self.refresh_tol, self.refresh_steps, self.ridge = float(refresh_tol), int(refresh_steps), float(ridge)
         self.layer_idx = -1

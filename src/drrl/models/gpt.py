@@ -20,6 +20,8 @@ from torch import nn
 from drrl.attention import RotaryEmbedding, available_attentions, build_attention, get_attention_class
 from drrl.config import FieldError, require
 from drrl.models.loss import linear_cross_entropy
+from drrl.rl.controllers import RLController
+from drrl.rl.policy import RankPolicy
 
 
 @dataclass
@@ -110,6 +112,13 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
         self.rope = RotaryEmbedding(cfg.d_head, cfg.context, cfg.rope_base)
+        self.rank_controller = None
+        if cfg.attention == "drrl" and cfg.attention_kwargs.get("controller") == "rl":
+            # one policy decides for every layer (its decisions form one sequence per forward pass)
+            nb = len(self.blocks[0].attn.buckets)
+            self.rank_controller = RLController(RankPolicy(2 * nb + 3, nb, cfg.n_layer))
+            for block in self.blocks:
+                block.attn.set_controller(self.rank_controller)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

@@ -148,8 +148,8 @@ class RLController(RankController):
     Per sequence (``stats.row``) it builds the decision sequence of the forward pass, decides segment by
     segment (the previous rank is part of the state), and, when ``explore`` is on, samples from the
     ε-mixture and records an :class:`~drrl.rl.ppo.Episode` step; the attention then reports each executed
-    decision's reward through :meth:`observe`. ``collect()`` hands finished episodes to PPO. Call
-    ``begin()`` before each forward pass.
+    decision's reward through :meth:`observe`. ``collect()`` hands finished episodes to PPO. A sequence
+    whose layers start again begins a new episode (``begin()`` also clears everything).
     """
 
     needs_stats = True
@@ -187,9 +187,12 @@ class RLController(RankController):
         nb = len(stats.buckets)
         param = next(self.policy.parameters())
         feats, allowed, decide = self.features(stats).to(param.dtype), stats.allowed.cpu(), stats.decide.cpu()
-        ep = self._rows.setdefault(stats.row, {k: [] for k in ("feats", "layers", "segments", "prev", "allowed",
-                                                                "actions", "logp", "values", "rewards")})  # fmt: skip
-        eps = self.epsilon(self.updates) if self.explore else 0.0
+        ep = self._rows.get(stats.row)
+        if ep is None or (ep["layers"] and ep["layers"][-1] >= max(stats.layer, 0)):  # a new forward pass
+            keys = ("feats", "layers", "segments", "prev", "allowed", "actions", "logp", "values", "rewards")
+            ep = self._rows[stats.row] = {k: [] for k in keys}
+        explore = self.explore and self.training
+        eps = self.epsilon(self.updates) if explore else 0.0
         out = torch.full((len(feats),), nb - 1, dtype=torch.long)
         prev = nb
         device = param.device
@@ -200,7 +203,7 @@ class RLController(RankController):
             ep["prev"].append(prev), ep["allowed"].append(allowed[s])
             with torch.no_grad():
                 logits, values = self.policy(*(t.to(device) for t in self._tensors(ep)))
-            a, lp = sample(logits[-1:].cpu(), allowed[s : s + 1], eps, self.generator, greedy=not self.explore)
+            a, lp = sample(logits[-1:].cpu(), allowed[s : s + 1], eps, self.generator, greedy=not explore)
             ep["actions"].append(int(a)), ep["logp"].append(float(lp)), ep["values"].append(float(values[-1]))
             out[s] = prev = int(a)
         self._last_len = len(ep["actions"])
@@ -238,3 +241,13 @@ class RLController(RankController):
     def flops_per_decision(self, n_buckets: int) -> int:
         # the policy re-encodes the decision sequence so far: ≈ 2 FLOPs per parameter per position
         return 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)
+
+
+class PendingRLController(RankController):
+    """Stands in for ``controller="rl"`` until a model installs its shared :class:`RLController`."""
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        raise RuntimeError(
+            "controller 'rl' needs a rank policy: build the model with drrl.models.GPT (it creates and installs "
+            "one) or call set_controller(RLController(policy)) on every drrl layer"
+        )

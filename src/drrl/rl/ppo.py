@@ -58,7 +58,8 @@ class PPO:
         self.policy, self.cfg = policy, cfg or PPOConfig()
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr)
 
-    def update(self, episodes: list[Episode]) -> dict:
+    def update(self, episodes: list[Episode], scale: float = 1.0) -> dict:
+        """One PPO update; ``scale`` multiplies the loss (λ of the hybrid objective L_LM + λ·L_RL)."""
         cfg = self.cfg
         episodes = [e for e in episodes if len(e.actions)]
         if not episodes:
@@ -90,9 +91,10 @@ class PPO:
                 kl += (e.logp - logp).sum().item() / n
                 clipped += ((ratio - 1).abs() > cfg.clip).sum().item() / n
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (scale * loss).backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             stats = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "approx_kl": kl, "clip_fraction": clipped}
+        self.optimizer.zero_grad(set_to_none=True)
         stats["mean_reward"] = torch.cat([e.rewards for e in episodes]).mean().item()
         return stats

@@ -58,15 +58,19 @@ class Checkpoint:
                 f"unexpected {sorted(unexpected)[:3]}); check the config"
             )
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        tensors = load_file(self.path / "optimizer.safetensors")
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
+        """Restore ``optimizer`` (or the extra optimizer saved under ``name``, e.g. the policy's)."""
+        if f"{name}.safetensors" not in self.state["files"]:
+            raise CheckpointError(f"checkpoint {self.path} has no {name}; it was written by a run without one")
+        tensors = load_file(self.path / f"{name}.safetensors")
         state: dict[int, dict] = {}
         for key, t in tensors.items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = t
+            idx, param = key.split(".", 1)
+            state.setdefault(int(idx), {})[param] = t
+        saved = self.state["optimizer"] if name == "optimizer" else self.state["extra_optimizers"][name]
         groups = [  # JSON turned tuples (AdamW betas) into lists
             {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-            for g in self.state["optimizer"]["param_groups"]
+            for g in saved["param_groups"]
         ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 
@@ -94,8 +98,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     extra: dict,
     keep: int = 2,
+    extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
 ) -> Path:
-    """Write ``run_dir/checkpoints/step_<step>`` atomically and keep the newest ``keep`` checkpoints."""
+    """Write ``run_dir/checkpoints/step_<step>`` atomically and keep the newest ``keep`` checkpoints.
+    ``extra_optimizers`` (e.g. ``{"policy_optimizer": ...}``) are saved beside the main one."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step_*.tmp-*"):  # left by a killed run
@@ -111,15 +117,22 @@ def save_checkpoint(
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
+        extra_groups = {}
+        for name, opt in (extra_optimizers or {}).items():
+            tensors, extra_groups[name] = _optimizer_tensors(opt)
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
+        files = (*FILES, *(f"{name}.safetensors" for name in extra_groups))
         state = {
             "format": FORMAT,
             "step": step,
             "optimizer": {"param_groups": groups},
-            "files": {f: sha256_file(tmp / f) for f in FILES},
+            "files": {f: sha256_file(tmp / f) for f in files},
             **extra,
         }
+        if extra_groups:
+            state["extra_optimizers"] = {name: {"param_groups": g} for name, g in extra_groups.items()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-        for f in (*FILES, "state.json"):
+        for f in (*files, "state.json"):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():  # a damaged checkpoint of the same step: move it aside, never delete it first
@@ -147,7 +160,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
         files = state["files"]
         int(state["step"])
-        if state.get("format") != FORMAT or "config" not in state or set(files) != set(FILES):
+        if state.get("format") != FORMAT or "config" not in state or not set(FILES) <= set(files):
             raise KeyError("format")
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(

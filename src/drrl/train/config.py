@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = fp32 on CPU, bf16 autocast on CUDA
     threads: int | None = None  # torch.set_num_threads; None = torch's default
+    mode: Literal["lm", "hybrid", "policy"] = "lm"  # lm | hybrid (L_LM + λ·L_RL) | policy (LM frozen)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
@@ -69,11 +70,40 @@ class TrainConfig:
 
 
 @dataclass
+class RLConfig:
+    """The rank policy's training (``train.mode`` hybrid or policy; ``model.attention_kwargs.controller: rl``)."""
+
+    lr: float = 3e-4  # the policy's own AdamW
+    loss_weight: float = 0.1  # λ in L_total = L_LM + λ·L_RL (hybrid mode)
+    clip: float = 0.2  # PPO ratio clipping
+    discount: float = 0.99  # across the decisions of a forward pass
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    epochs: int = 4  # PPO passes per training step
+    alpha: float = 1.0  # reward: α·fidelity − β·cost/cost_full − γ·bound
+    beta: float = 0.05
+    gamma: float = 0.1
+    eps_start: float = 0.1  # ε-greedy exploration, linear over eps_decay_steps policy updates
+    eps_end: float = 0.0
+    eps_decay_steps: int = 1000
+
+    def __post_init__(self):
+        for name in ("lr", "clip", "epochs", "eps_decay_steps"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("loss_weight", "value_coef", "entropy_coef", "alpha", "beta", "gamma"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("discount", "gae_lambda", "eps_start", "eps_end"):
+            require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def __post_init__(self):
         if self.eval.context is not None:
@@ -90,6 +120,17 @@ class RunConfig:
                 f"must be <= the eval context ({window}), got {self.eval.stride}",
             )
 
+        rl_controller = self.model.attention == "drrl" and self.model.attention_kwargs.get("controller") == "rl"
+        require(
+            rl_controller or self.train.mode == "lm",
+            "train.mode",
+            f"{self.train.mode} trains a rank policy: set model.attention=drrl and model.attention_kwargs.controller=rl",
+        )
+        require(
+            not rl_controller or self.train.mode != "lm",
+            "model.attention_kwargs.controller",
+            "rl needs train.mode=hybrid (language model and policy) or train.mode=policy (policy only)",
+        )
         require(
             not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),
             "model.attention_kwargs.basis",

@@ -21,6 +21,9 @@ from drrl.data.tokens import load_tokens, sample_batch
 from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError
 from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import GPT
+from drrl.rl.policy import EpsilonSchedule
+from drrl.rl.ppo import PPO, PPOConfig
+from drrl.rl.reward import RewardConfig
 from drrl.train.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
 from drrl.train.config import RunConfig
 from drrl.utils import resolve_device, use_bf16, write_json_atomic, write_text_atomic
@@ -40,9 +43,11 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def build_optimizer(model: torch.nn.Module, cfg, exclude: set[int] = frozenset()) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters except those whose ``id`` is in ``exclude`` (the policy's)."""
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in exclude]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -61,7 +66,8 @@ def prepare_out_dir(out: Path) -> None:
 def check_resumable(ckpt: Checkpoint, cfg: RunConfig, out: Path) -> None:
     """A resumed run must follow the same trajectory: only logging/eval/checkpoint cadence and devices may change."""
     old, new = ckpt.config, cfg.to_dict()
-    changed = [f"{s}.{k}" for s in ("model", "data") for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    sections = ("model", "data", "rl") if cfg.train.mode != "lm" else ("model", "data")
+    changed = [f"{s}.{k}" for s in sections for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
     changed += [
         f"train.{k}" for k in new["train"] if k not in RESUMABLE_TRAIN_KEYS and old["train"].get(k) != new["train"][k]
     ]
@@ -126,7 +132,21 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
-    optimizer = build_optimizer(model, tc)
+    rl, ppo, rl_stats = model.rank_controller, None, {}
+    policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
+    lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
+    optimizer = build_optimizer(model, tc, exclude=policy_ids)
+    if rl is not None:  # the rank policy learns beside (hybrid) or instead of (policy) the language model
+        rc = cfg.rl
+        rl.reward_cfg = RewardConfig(rc.alpha, rc.beta, rc.gamma)
+        rl.epsilon = EpsilonSchedule(rc.eps_start, rc.eps_end, rc.eps_decay_steps)
+        rl.generator.manual_seed(tc.seed)
+        ppo = PPO(
+            rl.policy, PPOConfig(rc.lr, rc.clip, rc.discount, rc.gae_lambda, rc.value_coef, rc.entropy_coef, rc.epochs)
+        )
+        if tc.mode == "policy":
+            for p in lm_params:
+                p.requires_grad_(False)
     prepare_out_dir(out)
 
     start = 0
@@ -135,6 +155,10 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         ckpt.load_model(model)
         ckpt.load_optimizer(optimizer)
         ckpt.restore_rng()
+        if ppo is not None:
+            ckpt.load_optimizer(ppo.optimizer, "policy_optimizer")
+            rl.updates = int(ckpt.state["rl"]["updates"])
+            rl.generator.set_state(torch.tensor(ckpt.state["rl"]["generator"], dtype=torch.uint8))
         start = int(ckpt.state["data"]["next_step"])
         _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", ckpt.path, start)
@@ -169,17 +193,31 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             group["lr"] = lr
         # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory.
         xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, context, tc.seed, step)
-        loss_sum = 0.0
+        loss_sum, episodes = 0.0, []
         for x, y in zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if rl is not None:
+                rl.begin()
+            with (
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                torch.set_grad_enabled(tc.mode != "policy"),
+            ):
                 loss = model.loss(x.to(device), y.to(device)) / tc.grad_accum
-            loss.backward()
+            if tc.mode != "policy":
+                loss.backward()
             loss_sum += loss.item()
+            if rl is not None:
+                episodes += rl.collect()
         if not math.isfinite(loss_sum):
             raise DrrlError(f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
-        optimizer.step()
+        grad_norm = None
+        if tc.mode != "policy":
+            grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, tc.grad_clip) if tc.grad_clip > 0 else None
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ppo is not None:  # L_RL, scaled by λ in the hybrid objective, on the policy's own optimizer
+            rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
+            rl_stats["epsilon"] = rl.epsilon(rl.updates)
+            rl.updates += 1
         done = step + 1
         dt = time.perf_counter() - t_step
         steps_since, busy, busy_total = steps_since + 1, busy + dt, busy_total + dt
@@ -189,6 +227,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
+            if rl_stats:
+                rec["rl"] = rl_stats
             layer_stats = model.attention_stats()
             if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
                 rec["attention"] = layer_stats
@@ -212,7 +252,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
                 "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
                 "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step},
             }
-            save_checkpoint(out, done, model, optimizer, extra, keep=tc.keep_checkpoints)
+            extra_optimizers = None
+            if ppo is not None:
+                extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
+                extra_optimizers = {"policy_optimizer": ppo.optimizer}
+            save_checkpoint(
+                out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers
+            )
     bar.close()
 
     result = evaluate(None)
