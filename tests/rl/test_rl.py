@@ -142,6 +142,8 @@ def test_gpt_with_the_rl_controller_has_no_causal_leakage():
     idx = torch.randint(0, 97, (2, 24))
     ctrl.begin()
     base = model(idx)
+    for t in (2, 9, 13):  # a shorter sequence (no later tokens at all) decides and computes the same
+        torch.testing.assert_close(model(idx[:, : t + 1]), base[:, : t + 1], rtol=0, atol=1e-12)
     for t in (2, 9, 22):
         changed = idx.clone()
         changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % 97
@@ -157,4 +159,20 @@ def test_greedy_and_exploring_controllers_respect_the_guardrail(explore):
     ctrl.begin()
     g = torch.Generator().manual_seed(2)
     m.attend(*(torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3)))
-    assert all(r == 16 for r in m.last_plan.ranks)
+    plan, buckets = m.last_plan, m.buckets.tolist()
+    decided = [s for s in range(len(plan.ranks)) if bool(plan.stats.decide[s])]
+    for s in decided:
+        assert plan.stats.bound[s, buckets.index(plan.ranks[s])] <= 1e-9 or plan.ranks[s] == 16
+    assert plan.ranks[2:] == [16, 16, 16]  # prefixes of >= d tokens are not exact at rank 8
+    if explore:  # the policy's own choices (not only the attention's override) were the safe buckets
+        (ep,) = ctrl.collect()
+        assert [buckets[a] for a in ep.actions.tolist()] == [plan.ranks[s] for s in decided]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ppo_updates_a_policy_on_the_gpu_from_cpu_rollouts():
+    policy = RankPolicy(3, 4, 1, d_model=16, n_head=2, n_layer_enc=1)
+    g = torch.Generator().manual_seed(0)
+    episodes = [bandit_episode(policy, 0.1, g) for _ in range(4)]
+    stats = PPO(policy.cuda(), PPOConfig(epochs=1)).update(episodes)
+    assert torch.isfinite(torch.tensor(stats["policy_loss"]))

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from drrl.errors import ConfigError
+from drrl.errors import CheckpointError, ConfigError
 from drrl.models import GPT
 from drrl.train import RunConfig, train
 from drrl.train.checkpoint import latest_checkpoint
@@ -50,18 +50,30 @@ def test_hybrid_training_learns_both_and_saves_the_policy(tiny_overrides_list, t
     assert not torch.equal(after[key], init[key])  # and so did the policy
 
 
-def test_policy_mode_freezes_the_language_model(tiny_overrides_list, tmp_path):
-    cfg = RunConfig.load(None, tiny_overrides_list + RL + ["train.mode=policy", "train.max_steps=2"])
+def test_policy_mode_freezes_a_pretrained_language_model(tiny_overrides_list, tmp_path):
+    base = RunConfig.load(None, tiny_overrides_list + ["train.max_steps=2", "train.eval_every=0"])
+    train(base, tmp_path / "lm", progress=False)
+    lm = GPT(base.model)
+    latest_checkpoint(tmp_path / "lm").load_model(lm)
+    overrides = ["train.mode=policy", "train.max_steps=2", f"train.init_from={tmp_path / 'lm'}"]
+    cfg = RunConfig.load(None, tiny_overrides_list + RL + overrides)
     train(cfg, tmp_path / "run", progress=False)
-    torch.manual_seed(cfg.train.seed)
-    init = GPT(cfg.model).state_dict()
+    init = {**GPT(cfg.model).state_dict(), **lm.state_dict()}  # the source's weights, fresh policy keys
     trained = GPT(cfg.model)
     latest_checkpoint(tmp_path / "run").load_model(trained)
     after = trained.state_dict()
     policy = policy_keys(after)
     weights = {n for n, _ in trained.named_parameters(remove_duplicate=False)} - policy
     assert policy and weights and all(torch.equal(after[k], init[k]) for k in weights)  # buffers (bases) may move
-    assert any(not torch.equal(after[k], init[k]) for k in policy)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"rl"') == 2  # the policy learned each step
+
+
+def test_init_from_a_different_model_is_a_clear_error(tiny_overrides_list, tmp_path):
+    train(RunConfig.load(None, tiny_overrides_list + ["train.max_steps=1"]), tmp_path / "lm", progress=False)
+    cfg = RunConfig.load(None, tiny_overrides_list + ["model.d_model=64", f"train.init_from={tmp_path / 'lm'}"])
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_hybrid_training_resumes_exactly(tiny_overrides_list, tmp_path):

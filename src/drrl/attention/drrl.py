@@ -387,13 +387,14 @@ class DynamicLowRankAttention(Attention):
                 if gv is not None:
                     gv[0] = g0[2]
         finite = torch.isfinite(gq.sum((-3, -2, -1)) + gk.sum((-3, -2, -1))).cpu()  # NaN/inf reach the sums
-        # cheap "sequence dynamics" for learned controllers: mean squared query/key norm of the prefix, position
+        # cheap "sequence dynamics" for learned controllers: mean squared query/key norm of the prefix, and the
+        # segment's start position (absolute: a feature that knew the sequence length would leak the future)
         ntok = (torch.arange(n_seg, device=q.device) * T * B).clamp(min=B * min(T, L)).to(sdt)
         seq_feats = torch.stack(
             [
                 (gq.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
                 (gk.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
-                torch.arange(n_seg, device=q.device, dtype=sdt) / max(n_seg - 1, 1),
+                (torch.arange(n_seg, device=q.device, dtype=sdt) * T).log1p() / 10,  # never the sequence length
             ],
             -1,
         ).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
@@ -575,7 +576,9 @@ class DynamicLowRankAttention(Attention):
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
         teacher = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
-        plan.flops["teacher"] += sum(flops.full_attention(B, H, L, d, self.causal).values())
+        teacher_flops = sum(flops.full_attention(B, H, L, d, self.causal).values())
+        plan.flops["teacher"] += teacher_flops
+        self._totals["flops:teacher"] += teacher_flops
         fidelity = segment_fidelity(y, teacher, T)
         buckets, cfg = self.buckets.tolist(), self.controller.reward_cfg
         rewards = []

@@ -112,17 +112,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
         self.rope = RotaryEmbedding(cfg.d_head, cfg.context, cfg.rope_base)
-        self.rank_controller = None
-        if cfg.attention == "drrl" and cfg.attention_kwargs.get("controller") == "rl":
-            # one policy decides for every layer (its decisions form one sequence per forward pass)
-            nb = len(self.blocks[0].attn.buckets)
-            self.rank_controller = RLController(RankPolicy(2 * nb + 3, nb, cfg.n_layer))
-            for block in self.blocks:
-                block.attn.set_controller(self.rank_controller)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.rank_controller = None
+        if cfg.attention == "drrl" and cfg.attention_kwargs.get("controller") == "rl":
+            # one policy decides for every layer (its decisions form one sequence per forward pass); built
+            # after the language model, which is thus initialised exactly as with any other controller
+            nb = len(self.blocks[0].attn.buckets)
+            self.rank_controller = RLController(RankPolicy(2 * nb + 3, nb, cfg.n_layer))
+            for block in self.blocks:
+                block.attn.set_controller(self.rank_controller)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

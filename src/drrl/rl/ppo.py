@@ -51,17 +51,24 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, discount: float, lam: float
     return adv, adv + values
 
 
+def _to(e: Episode, device: torch.device) -> Episode:
+    fields = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(e).items()}
+    return Episode(**fields)
+
+
 class PPO:
     """``update(episodes)`` runs ``epochs`` passes of the clipped objective over the episodes."""
 
     def __init__(self, policy: RankPolicy, cfg: PPOConfig | None = None):
         self.policy, self.cfg = policy, cfg or PPOConfig()
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
     def update(self, episodes: list[Episode], scale: float = 1.0) -> dict:
-        """One PPO update; ``scale`` multiplies the loss (λ of the hybrid objective L_LM + λ·L_RL)."""
+        """One PPO update. ``scale`` (λ of the hybrid objective L_LM + λ·L_RL) multiplies the step size: Adam is
+        invariant to the scale of the loss, so λ acts where it would with plain gradient descent."""
         cfg = self.cfg
-        episodes = [e for e in episodes if len(e.actions)]
+        device = next(self.policy.parameters()).device
+        episodes = [_to(e, device) for e in episodes if len(e.actions)]
         if not episodes:
             return {}
         targets = [gae(e.rewards, e.values, cfg.discount, cfg.gae_lambda) for e in episodes]
@@ -91,8 +98,10 @@ class PPO:
                 kl += (e.logp - logp).sum().item() / n
                 clipped += ((ratio - 1).abs() > cfg.clip).sum().item() / n
             self.optimizer.zero_grad(set_to_none=True)
-            (scale * loss).backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr * scale
             self.optimizer.step()
             stats = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "approx_kl": kl, "clip_fraction": clipped}
         self.optimizer.zero_grad(set_to_none=True)

@@ -42,6 +42,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = fp32 on CPU, bf16 autocast on CUDA
     threads: int | None = None  # torch.set_num_threads; None = torch's default
     mode: Literal["lm", "hybrid", "policy"] = "lm"  # lm | hybrid (L_LM + λ·L_RL) | policy (LM frozen)
+    init_from: str | None = None  # start from this run/checkpoint's weights (e.g. a trained LM for mode=policy)
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from drrl.data.tokenizer import check_vocab, get_tokenizer
@@ -24,7 +25,13 @@ from drrl.models.gpt import GPT
 from drrl.rl.policy import EpsilonSchedule
 from drrl.rl.ppo import PPO, PPOConfig
 from drrl.rl.reward import RewardConfig
-from drrl.train.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
+from drrl.train.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from drrl.train.config import RunConfig
 from drrl.utils import resolve_device, use_bf16, write_json_atomic, write_text_atomic
 
@@ -79,6 +86,22 @@ def check_resumable(ckpt: Checkpoint, cfg: RunConfig, out: Path) -> None:
         )
 
 
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    """Initialise ``model`` from a checkpoint of another run (``train.init_from``). Attention extras the source
+    lacks (drrl bases, the rank policy) keep their fresh values; anything else must match exactly."""
+    try:
+        missing, unexpected = load_model(model, ckpt.path / "model.safetensors", strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"train.init_from: {ckpt.path} does not fit the model ({e}); check model.*") from None
+    missing = [k for k in missing if ".attn." not in k and not k.startswith("rank_controller.")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"train.init_from: {ckpt.path} does not fit the model (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); use a run with the same model.* sizes"
+        )
+    log.info("initialised the model from %s", ckpt.path)
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -130,11 +153,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         check_resumable(ckpt, cfg, out)
     elif list_checkpoints(out):
         raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    init = resolve_checkpoint(tc.init_from) if tc.init_from and ckpt is None else None
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     rl, ppo, rl_stats = model.rank_controller, None, {}
     policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
     lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
+    if init is not None:
+        load_weights(model, init)
     optimizer = build_optimizer(model, tc, exclude=policy_ids)
     if rl is not None:  # the rank policy learns beside (hybrid) or instead of (policy) the language model
         rc = cfg.rl
@@ -182,9 +208,15 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             max_tokens=max_tokens, device=device, bf16=bf16,
         )  # fmt: skip
         model.attention_stats()  # drop the evaluation's rank counters: the training log reports training steps
+        set_modes()
         return result
 
-    model.train()
+    def set_modes() -> None:
+        model.train(tc.mode != "policy")  # a frozen language model runs in eval mode (no dropout) ...
+        if rl is not None:
+            rl.train()  # ... while the policy explores and learns
+
+    set_modes()
     steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
     for step in range(start, tc.max_steps):
         t_step = time.perf_counter()
@@ -214,7 +246,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, tc.grad_clip) if tc.grad_clip > 0 else None
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if ppo is not None:  # L_RL, scaled by λ in the hybrid objective, on the policy's own optimizer
+        if ppo is not None and episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
             rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
             rl_stats["epsilon"] = rl.epsilon(rl.updates)
             rl.updates += 1
