@@ -75,7 +75,7 @@ class RLConfig:
     """The rank policy's training (``train.mode`` hybrid or policy; ``model.attention_kwargs.controller: rl``)."""
 
     lr: float = 3e-4  # the policy's own AdamW
-    loss_weight: float = 0.1  # λ in L_total = L_LM + λ·L_RL (hybrid mode)
+    loss_weight: float = 0.1  # λ in L_total = L_LM + λ·L_RL (hybrid); scales the policy's Adam step
     clip: float = 0.2  # PPO ratio clipping
     discount: float = 0.99  # across the decisions of a forward pass
     gae_lambda: float = 0.95
