@@ -3,7 +3,7 @@
 Conventions: a multiply-add is 2 FLOPs; a (m × k) @ (k × n) matmul is 2·m·k·n. Softmax is counted as
 5 non-matmul operations per unmasked score (max, subtract, exp, sum, divide) and reported separately.
 Causal attention counts exactly the unmasked (query, key) pairs. Small dense factorisations use the
-usual leading terms (Cholesky r³/3, triangular solve d·r², d × d SVD ≈ 22·d³).
+usual leading terms (Cholesky r³/3, triangular solve d·r²).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import Counter
 
 SOFTMAX_OPS = 5
-SVD_CONSTANT = 22  # Golub–Van Loan leading term for U, Σ, V of a square matrix
 
 
 def matmul(m: int, k: int, n: int) -> int:
@@ -64,11 +63,6 @@ def truncation_errors(d: int, r: int, n_ranks: int) -> int:
     return 2 * matmul(d, d, r) + 2 * matmul(r, d, r) + matmul(r, r, n_ranks) + 2 * d * d + 4 * r * n_ranks
 
 
-def exact_factorisation(d: int, r: int) -> int:
-    """Two Cholesky roots, core product, d × d SVD and two triangular solves (calibration)."""
-    return 2 * cholesky(d) + matmul(d, d, d) + SVD_CONSTANT * d**3 + 2 * d * d * r
-
-
 def spectral_upper(d: int, squarings: int = 4, iters: int = 3) -> int:
     return squarings * matmul(d, d, d) + iters * matmul(d, d, 1)
 
@@ -88,11 +82,6 @@ def full_attention(batch: int, heads: int, seq_len: int, d_head: int, causal: bo
     if with_projections:
         out.update(projections(batch * seq_len, heads * d_head))
     return dict(out)
-
-
-def decode_bytes(seq_len: int, d_head: int, rank: int, heads: int = 1, batch: int = 1, itemsize: int = 4) -> int:
-    """Bytes read by one decode step against a cache of ``seq_len`` tokens with keys of width ``rank``."""
-    return batch * heads * seq_len * (rank + d_head) * itemsize
 
 
 def decode_bytes_limit(d_head: int, rank: int) -> float:

@@ -121,6 +121,18 @@ def _sdpa_lowrank(q, k, v, offset: int, scale: float, causal: bool) -> tuple[tor
     return out, path + ("+merge" if merge else "+mask" if offset else ""), entries
 
 
+def _runs(seg_maps: list, new_version: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs [s, t) of segments executed with the same maps (a new basis version starts a run)."""
+    runs, s = [], 0
+    while s < len(seg_maps):
+        t = s + 1
+        while t < len(seg_maps) and seg_maps[t] is seg_maps[s] and not new_version[t]:
+            t += 1
+        runs.append((s, t))
+        s = t
+    return runs
+
+
 @dataclass
 class _Block:
     """A run of segments [s0, s1) sharing one basis version (``maps`` None = raw q, k: full rank)."""
@@ -265,6 +277,11 @@ class DynamicLowRankAttention(Attention):
         return int(self.steps)
 
     @property
+    def needs_stats(self) -> bool:
+        """Whether planning measures per-segment statistics (the controller reads them, or the guardrail)."""
+        return getattr(self.controller, "needs_stats", True) or self.needs_bound
+
+    @property
     def needs_bound(self) -> bool:
         """Whether the guardrail bound is computed (a guard is set, or the controller asks for it)."""
         return self.guard_eps is not None or getattr(self.controller, "needs_bound", False)
@@ -364,7 +381,7 @@ class DynamicLowRankAttention(Attention):
             # calibration was attempted and failed (non-finite statistics): full rank everywhere
             return Plan([d] * n_seg, [_Block(0, n_seg, None)], fallbacks=n_seg)
         cal_maps = (self.pq.to(sdt), self.pk.to(sdt)) if calibrated else None
-        need_stats = getattr(self.controller, "needs_stats", True) or self.needs_bound
+        need_stats = self.needs_stats
         if self.basis == "calibrated" and not need_stats:  # e.g. a fixed rank: nothing to measure at run time
             decide[:] = True
             stats = SegmentStats(self.layer_idx, self.buckets, energy, bound, energy > 0, decide, self.step_count)
@@ -460,18 +477,13 @@ class DynamicLowRankAttention(Attention):
                     self.z.copy_(last[0].to(self.z.dtype))
 
         # statistics of the executed maps, batched per basis version
-        s = 0
-        while s < n_seg:
-            t = s + 1
-            while t < n_seg and seg_maps[t] is seg_maps[s] and not new_version[t]:
-                t += 1
+        for s, t in _runs(seg_maps, new_version):
             if seg_maps[s] is not None and need_stats and not stats_done[s]:
                 e, b = self._bucket_stats(gq[s:t], gk[s:t], None if gv is None else gv[s:t], *seg_maps[s])
                 energy[s:t] = e
                 fc["stats"] += (t - s) * H * self._stats_flops(b is not None)
                 if b is not None:
                     bound[s:t] = b
-            s = t
         bad = decide & ~(torch.isfinite(energy).all(1) & torch.isfinite(bound).all(1))
         if bad.any():  # a failed factorisation or non-finite statistics: full rank for that segment
             fallbacks += int(bad.sum())
@@ -496,13 +508,7 @@ class DynamicLowRankAttention(Attention):
             if not safe[j][c]:  # the guardrail overrides: nearest safe bucket above, else r_max
                 c = next((i for i in range(c, len(buckets)) if safe[j][i]), len(buckets) - 1)
             ranks.append(buckets[c])
-        blocks, s = [], 0
-        while s < n_seg:
-            t = s + 1
-            while t < n_seg and seg_maps[t] is seg_maps[s] and not new_version[t]:
-                t += 1
-            blocks.append(_Block(s, t, seg_maps[s]))
-            s = t
+        blocks = [_Block(s, t, seg_maps[s]) for s, t in _runs(seg_maps, new_version)]
         return Plan(ranks, blocks, refreshes, fallbacks, stats, fc, qr_fallbacks=qr_fallbacks)
 
     # ----------------------------------------------------------------------------------- forward
@@ -516,7 +522,7 @@ class DynamicLowRankAttention(Attention):
                 self.cal_tokens += q.shape[0] * q.shape[2]
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
         B, H, L, d = q.shape
-        need_stats = getattr(self.controller, "needs_stats", True) or self.needs_bound
+        need_stats = self.needs_stats
         if self.basis == "calibrated" and not need_stats:  # the plan reads no data: one for the whole batch
             plans = [self.plan(q[:1], k[:1], v[:1])]
             out = self._execute(q, k, v, plans[0], scale)
