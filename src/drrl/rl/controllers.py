@@ -145,9 +145,11 @@ class EnergyController(RankController):
 class RLController(RankController):
     """The DR-RL controller: a :class:`~drrl.rl.policy.RankPolicy` shared by all layers.
 
-    Per sequence (``stats.row``) it builds the decision sequence of the forward pass, decides segment by
-    segment (the previous rank is part of the state), and, when ``explore`` is on, samples from the
-    ε-mixture and records an :class:`~drrl.rl.ppo.Episode` step; the attention then reports each executed
+    Per sequence (``stats.row``) it builds the decision sequence of the forward pass (layer-major) and
+    decides all segments of a layer in one policy pass: the "previous rank" in a decision's state is the
+    rank the layer below chose for the same segment, so no decision waits for another of its own layer.
+    When ``explore`` is on it samples from the ε-mixture and records :class:`~drrl.rl.ppo.Episode` steps;
+    the attention then reports each executed
     decision's reward through :meth:`observe`. ``collect()`` hands finished episodes to PPO. A sequence
     whose layers start again begins a new episode (``begin()`` also clears everything).
     """
@@ -167,7 +169,7 @@ class RLController(RankController):
         self.updates = 0  # PPO updates so far (drives the ε schedule)
         self.generator = torch.Generator().manual_seed(seed)
         self._rows: dict[int, dict] = {}
-        self._last_len = 0
+        self._last_len = self._last_new = 0
 
     @property
     def wants_reward(self) -> bool:
@@ -187,26 +189,31 @@ class RLController(RankController):
         nb = len(stats.buckets)
         param = next(self.policy.parameters())
         feats, allowed, decide = self.features(stats).to(param.dtype), stats.allowed.cpu(), stats.decide.cpu()
+        layer = max(stats.layer, 0)
         ep = self._rows.get(stats.row)
-        if ep is None or (ep["layers"] and ep["layers"][-1] >= max(stats.layer, 0)):  # a new forward pass
+        if ep is None or (ep["layers"] and ep["layers"][-1] >= layer):  # a new forward pass
             keys = ("feats", "layers", "segments", "prev", "allowed", "actions", "logp", "values", "rewards")
             ep = self._rows[stats.row] = {k: [] for k in keys}
+            ep["below"] = {}  # segment -> action of the previous layer at that segment
         explore = self.explore and self.training
         eps = self.epsilon(self.updates) if explore else 0.0
         out = torch.full((len(feats),), nb - 1, dtype=torch.long)
-        prev = nb
-        device = param.device
-        for s in range(len(feats)):
-            if not bool(decide[s]):
-                continue
-            ep["feats"].append(feats[s]), ep["layers"].append(max(stats.layer, 0)), ep["segments"].append(s)
-            ep["prev"].append(prev), ep["allowed"].append(allowed[s])
-            with torch.no_grad():
-                logits, values = self.policy(*(t.to(device) for t in self._tensors(ep)))
-            a, lp = sample(logits[-1:].cpu(), allowed[s : s + 1], eps, self.generator, greedy=not explore)
-            ep["actions"].append(int(a)), ep["logp"].append(float(lp)), ep["values"].append(float(values[-1]))
-            out[s] = prev = int(a)
-        self._last_len = len(ep["actions"])
+        segs = decide.nonzero().flatten().tolist()
+        if not segs:
+            return out
+        # all of this layer's decisions in one policy pass: a decision's state holds nothing chosen in the same
+        # layer (its previous rank is the layer below's at the same segment), so they need no sequential loop
+        for s in segs:
+            ep["feats"].append(feats[s]), ep["layers"].append(layer), ep["segments"].append(s)
+            ep["prev"].append(ep["below"].get(s, nb)), ep["allowed"].append(allowed[s])
+        with torch.no_grad():
+            logits, values = self.policy(*(t.to(param.device) for t in self._tensors(ep)))
+        n = len(segs)
+        a, lp = sample(logits[-n:].cpu(), allowed[segs], eps, self.generator, greedy=not explore)
+        ep["actions"].extend(a.tolist()), ep["logp"].extend(lp.tolist()), ep["values"].extend(values[-n:].tolist())
+        out[segs] = a
+        ep["below"] = dict(zip(segs, a.tolist(), strict=True))
+        self._last_len, self._last_new = len(ep["actions"]), n
         return out
 
     @staticmethod
@@ -239,8 +246,10 @@ class RLController(RankController):
         return out
 
     def flops_per_decision(self, n_buckets: int) -> int:
-        # the policy re-encodes the decision sequence so far: ≈ 2 FLOPs per parameter per position
-        return 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)
+        # one policy pass per layer re-encodes the decision sequence so far (≈ 2 FLOPs per parameter per
+        # position), shared by the layer's decisions
+        per_pass = 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)
+        return per_pass // max(self._last_new, 1)
 
 
 class PendingRLController(RankController):
