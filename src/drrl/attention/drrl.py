@@ -175,6 +175,12 @@ class DynamicLowRankAttention(Attention):
         refresh_tol: online mode refreshes the basis when its kept energy at a bucket drops by more than this.
         refresh_steps: subspace-iteration steps per refresh (1–2 from a warm start).
         ridge: relative Cholesky ridge for calibration maps.
+        n_kv_head: key/value heads (grouped-query attention; default ``n_head``). Query head h reads KV head
+            h // (n_head / n_kv_head). Each group shares one pair of maps: the exact factorisation of the
+            group's stacked score matrices [Q_h Kᵀ]_h (query Grams summed over the group), so keys are kept
+            at width r once per KV head (the decode cache) and every query head of the group uses the same
+            query map (optimal for the stacked matrix). GQA layers are driven through :meth:`attend` by a
+            wrapper that owns the projections (drrl.integrations.hf); this module's own ``qkv`` is MHA.
     """
 
     ONLINE_RIDGE = 1e-3  # relative ridge of the Grams online bases are fitted on
@@ -199,9 +205,14 @@ class DynamicLowRankAttention(Attention):
         refresh_tol: float = 0.01,
         refresh_steps: int = 2,
         ridge: float = 1e-6,
+        n_kv_head: int | None = None,
     ):
         super().__init__(d_model, n_head, causal=causal, bias=bias)
         d = self.d_head
+        n_kv_head = n_head if n_kv_head is None else int(n_kv_head)
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"n_kv_head must divide n_head={n_head}, got {n_kv_head}")
+        self.n_kv_head, self.group = n_kv_head, n_head // n_kv_head
         r_max = d if r_max is None else int(r_max)
         if not 0 < r_max <= d:
             raise ValueError(f"r_max must be in 1..d_head={d}, got {r_max}")
@@ -235,12 +246,12 @@ class DynamicLowRankAttention(Attention):
         self.layer_idx = -1
         self.controller: RankController = ctrl
         self.register_buffer("buckets", torch.tensor(buckets, dtype=torch.long), persistent=False)
-        eye = torch.eye(d, r_max).expand(n_head, d, r_max)
-        self.register_buffer("pq", eye.clone())  # calibrated maps (H, d, r_max)
+        eye = torch.eye(d, r_max).expand(n_kv_head, d, r_max)
+        self.register_buffer("pq", eye.clone())  # calibrated maps (H_kv, d, r_max), one pair per KV group
         self.register_buffer("pk", eye.clone())
-        self.register_buffer("cal_gq", torch.zeros(n_head, d, d, dtype=torch.float64))
-        self.register_buffer("cal_gk", torch.zeros(n_head, d, d, dtype=torch.float64))
-        self.register_buffer("cal_gv", torch.zeros(n_head, d, d, dtype=torch.float64))
+        self.register_buffer("cal_gq", torch.zeros(n_kv_head, d, d, dtype=torch.float64))
+        self.register_buffer("cal_gk", torch.zeros(n_kv_head, d, d, dtype=torch.float64))
+        self.register_buffer("cal_gv", torch.zeros(n_kv_head, d, d, dtype=torch.float64))
         self.register_buffer("cal_tokens", torch.zeros((), dtype=torch.float64))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("z", eye.clone())  # running online basis, the warm start of the next call
@@ -249,9 +260,19 @@ class DynamicLowRankAttention(Attention):
         self.last_plan: Plan | None = None
         self._totals: Counter = Counter()
 
+    def _expand(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, ...) -> (B, H, ...): each KV head repeated for the query heads of its group."""
+        return x if self.group == 1 else x.repeat_interleave(self.group, dim=1)
+
+    def _group_sum(self, g: torch.Tensor) -> torch.Tensor:
+        """(..., H, d, d) query Grams -> (..., H_kv, d, d) summed over each group (the stacked queries' Gram)."""
+        if self.group == 1:
+            return g
+        return g.unflatten(-3, (self.n_kv_head, self.group)).sum(-3)
+
     def extra_repr(self) -> str:
         return (
-            f"d_head={self.d_head}, r_max={self.r_max}, buckets={self.buckets.tolist()}, segment={self.segment}, "
+            f"n_kv_head={self.n_kv_head}, d_head={self.d_head}, r_max={self.r_max}, buckets={self.buckets.tolist()}, segment={self.segment}, "
             f"basis={self.basis}, guard_eps={self.guard_eps}"
         )
 
@@ -391,11 +412,12 @@ class DynamicLowRankAttention(Attention):
         if not self.causal:
             gq, gk, gv = (g.unsqueeze(0) for g in self._calibration_grams(self.pq.to(sdt), L))
         else:
-            gq, gk = (self._segment_grams(x.detach().to(sdt), n_seg) for x in (q, k))
-            fc["grams"] += 2 * flops.gram(B * L, d) * H
+            gq = self._group_sum(self._segment_grams(q.detach().to(sdt), n_seg))
+            gk = self._segment_grams(k.detach().to(sdt), n_seg)
+            fc["grams"] += flops.gram(B * L, d) * (H + self.n_kv_head)
             if self.needs_bound:  # the value Gram only feeds the guardrail bound
                 gv = self._segment_grams(v.detach().to(sdt), n_seg)
-                fc["grams"] += flops.gram(B * L, d) * H
+                fc["grams"] += flops.gram(B * L, d) * self.n_kv_head
             else:
                 gv = None
             if calibrated:  # segment 0 has no prefix: judge the calibrated maps on calibration statistics
@@ -444,7 +466,7 @@ class DynamicLowRankAttention(Attention):
                     fallbacks, s = fallbacks + 1, s + 1
                     continue
                 qr_fallbacks += int(fb)
-                fc["basis"] += H * flops.whitened_refresh(d, self.r_max, self.refresh_steps)
+                fc["basis"] += self.n_kv_head * flops.whitened_refresh(d, self.r_max, self.refresh_steps)
                 if not bool(torch.isfinite(z_new).all()):
                     fallbacks, s = fallbacks + 1, s + 1
                     continue
@@ -457,7 +479,7 @@ class DynamicLowRankAttention(Attention):
                 while t < n_seg:
                     c = min(t + (self.STATS_CHUNK if q.device.type == "cpu" else 4 * self.STATS_CHUNK), n_seg)
                     e, b = self._bucket_stats(gq[t:c], gk[t:c], None if gv is None else gv[t:c], *version)
-                    fc["stats"] += (c - t) * H * self._stats_flops(b is not None)
+                    fc["stats"] += (c - t) * self.n_kv_head * self._stats_flops(b is not None)
                     ref = e[0] if ref is None else ref
                     stop = ((ref - e).amax(-1) > self.refresh_tol).cpu() | ~finite[t:c]
                     stop[0] &= t != s
@@ -481,7 +503,7 @@ class DynamicLowRankAttention(Attention):
             if seg_maps[s] is not None and need_stats and not stats_done[s]:
                 e, b = self._bucket_stats(gq[s:t], gk[s:t], None if gv is None else gv[s:t], *seg_maps[s])
                 energy[s:t] = e
-                fc["stats"] += (t - s) * H * self._stats_flops(b is not None)
+                fc["stats"] += (t - s) * self.n_kv_head * self._stats_flops(b is not None)
                 if b is not None:
                     bound[s:t] = b
         bad = decide & ~(torch.isfinite(energy).all(1) & torch.isfinite(bound).all(1))
@@ -515,12 +537,20 @@ class DynamicLowRankAttention(Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         scale = 1.0 / math.sqrt(self.d_head)
+        if q.shape[1] != self.n_head or k.shape[1] != self.n_kv_head or v.shape[1] != self.n_kv_head:
+            raise ValueError(
+                f"expected {self.n_head} query heads and {self.n_kv_head} key/value heads, got q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}, v {tuple(v.shape)}; set n_kv_head to the model's key/value heads"
+            )
         if self._calibrating:
             with torch.no_grad():
-                for g, x in ((self.cal_gq, q), (self.cal_gk, k), (self.cal_gv, v)):
-                    g += gram(x.detach().double()).sum(0)
+                self.cal_gq += self._group_sum(gram(q.detach().double()).sum(0))
+                self.cal_gk += gram(k.detach().double()).sum(0)
+                self.cal_gv += gram(v.detach().double()).sum(0)
                 self.cal_tokens += q.shape[0] * q.shape[2]
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+            return F.scaled_dot_product_attention(
+                q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
+            )
         B, H, L, d = q.shape
         need_stats = self.needs_stats
         if self.basis == "calibrated" and not need_stats:  # the plan reads no data: one for the whole batch
@@ -550,18 +580,19 @@ class DynamicLowRankAttention(Attention):
         for blk in plan.blocks:
             a, b = blk.s0 * T, min(blk.s1 * T, L)
             if blk.maps is None:
-                qb, kb = q[:, :, a:b], k[:, :, :b]
+                qb, kb = q[:, :, a:b], self._expand(k[:, :, :b])
             else:
                 pq, pk = (m.to(q.dtype) for m in blk.maps)
                 ranks = plan.ranks[blk.s0 : blk.s1]
                 w = max(ranks)
-                qb = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq[..., :w])
-                kb = torch.einsum("bhld,hdr->bhlr", k[:, :, :b], pk[..., :w])
-                fc["maps"] += B * H * (flops.matmul(b - a, d, w) + flops.matmul(b, d, w))
+                pq = pq[..., :w] if self.group == 1 else pq[..., :w].repeat_interleave(self.group, 0)
+                qb = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq)
+                kb = self._expand(torch.einsum("bhld,hdr->bhlr", k[:, :, :b], pk[..., :w]))
+                fc["maps"] += B * (H * flops.matmul(b - a, d, w) + self.n_kv_head * flops.matmul(b, d, w))
                 if min(ranks) < w:  # zero the trailing columns of segments with a smaller rank
                     seg_r = torch.tensor(ranks, device=q.device).repeat_interleave(T)[: b - a]
                     qb = qb * (torch.arange(w, device=q.device) < seg_r[:, None]).to(qb.dtype)
-            y, path, entries = _sdpa_lowrank(qb, kb, v[:, :, :b], a, scale, self.causal)
+            y, path, entries = _sdpa_lowrank(qb, kb, self._expand(v[:, :, :b]), a, scale, self.causal)
             outs.append(y)
             paths.add(path)
             width = d if path.startswith("sdpa-padded") else qb.shape[-1]
@@ -581,7 +612,9 @@ class DynamicLowRankAttention(Attention):
         report the rewards to the controller (drrl.rl.reward)."""
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
-        teacher = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+        teacher = F.scaled_dot_product_attention(
+            q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
+        )
         teacher_flops = sum(flops.full_attention(B, H, L, d, self.causal).values())
         plan.flops["teacher"] += teacher_flops
         self._totals["flops:teacher"] += teacher_flops
@@ -638,10 +671,11 @@ class DynamicLowRankAttention(Attention):
         """An empty key/value cache whose keys live in this layer's calibrated basis (width r_max)."""
         self._require_calibrated("the low-rank decode cache")
         dtype = dtype or self.pq.dtype
-        return LowRankKVCache(batch, self.n_head, capacity, self.r_max, self.d_head, dtype, device or self.pq.device)
+        dev = device or self.pq.device
+        return LowRankKVCache(batch, self.n_kv_head, capacity, self.r_max, self.d_head, dtype, dev)
 
     def append_to_cache(self, cache: LowRankKVCache, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Project post-RoPE keys (B, H, t, d) into the basis (pre-scaled by 1/√d) and append them with v."""
+        """Project post-RoPE keys (B, H_kv, t, d) into the basis (pre-scaled by 1/√d) and append them with v."""
         kt = torch.einsum("bhld,hdr->bhlr", k, self.pk.to(k.dtype)) / math.sqrt(self.d_head)
         cache.append(kt, v)
 
@@ -651,13 +685,16 @@ class DynamicLowRankAttention(Attention):
             raise ValueError(f"decode rank must be in 1..r_max={self.r_max}, got {rank}")
         if q.shape[-2] != 1:
             raise ValueError(f"decode_step takes one query per sequence, got {q.shape[-2]}; prefill with attend()")
-        qt = torch.einsum("bhld,hdr->bhlr", q, self.pq[..., :rank].to(q.dtype))
+        pq = self.pq[..., :rank].to(q.dtype)
+        qt = torch.einsum("bhld,hdr->bhlr", q, pq if self.group == 1 else pq.repeat_interleave(self.group, 0))
         return cache.attend(qt, rank)
 
     def export(self, rank: int, *, fold: bool = False) -> ExportedLowRankAttention:
         """A fixed-rank copy with physically smaller maps (H, d, rank). ``fold=True`` folds the maps into
         q/k projections of width H·rank (only valid when the attention is used without RoPE)."""
         self._require_calibrated("export()")
+        if self.group > 1:
+            raise ValueError("export() supports multi-head attention only; a GQA layer keeps its drrl wrapper")
         if rank not in self.buckets.tolist():
             raise ValueError(f"rank must be one of the buckets {self.buckets.tolist()}, got {rank}")
         return ExportedLowRankAttention.from_drrl(self, rank, fold=fold)
@@ -681,9 +718,13 @@ class LowRankKVCache:
         self.n += t
 
     def attend(self, qt: torch.Tensor, rank: int) -> torch.Tensor:
-        """``qt`` (B, H, 1, ≥rank) -> softmax(qt[:rank] · Kᵀ) V over the cached tokens, written out."""
-        s = torch.matmul(qt[..., :rank], self.kt[:, :, :rank, : self.n])
-        return torch.matmul(s.softmax(-1), self.v[:, :, : self.n])
+        """``qt`` (B, H, 1, ≥rank) -> softmax(qt[:rank] · Kᵀ) V over the cached tokens, written out. With
+        grouped-query attention (H a multiple of the cache's KV heads) a group's queries share its rows."""
+        B, H, _, _ = qt.shape
+        g = H // self.kt.shape[1]
+        qg = qt[..., :rank].reshape(B, self.kt.shape[1], g, rank)  # query heads of a group stacked as rows
+        s = torch.matmul(qg, self.kt[:, :, :rank, : self.n])
+        return torch.matmul(s.softmax(-1), self.v[:, :, : self.n]).reshape(B, H, 1, -1)
 
 
 class ExportedLowRankAttention(Attention):
@@ -768,23 +809,26 @@ def calibrating(model: nn.Module):
 
 
 def naive_lowrank_attention(q, k, v, plan: Plan, segment: int, causal: bool = True) -> torch.Tensor:
-    """Reference for tests: forms each segment's (T, L) score rows from the plan's maps and ranks."""
+    """Reference for tests: forms each segment's (T, L) score rows from the plan's maps and ranks. q is
+    (B, H, L, d); k and v may have fewer (KV) heads, each shared by H / H_kv consecutive query heads."""
     B, H, L, d = q.shape
+    g = H // k.shape[1]
     T = segment if causal else L
-    out = torch.empty_like(v)
+    out = q.new_empty(B, H, L, v.shape[-1])
+    vv = v.repeat_interleave(g, 1)
     for blk in plan.blocks:
         for s in range(blk.s0, blk.s1):
             a, b = s * T, min((s + 1) * T, L)
             r = plan.ranks[s]
             if blk.maps is None:
-                qs, ks = q[:, :, a:b], k
+                qs, ks = q[:, :, a:b], k.repeat_interleave(g, 1)
             else:
                 pq, pk = (m.to(q.dtype) for m in blk.maps)
-                qs = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq[..., :r])
-                ks = torch.einsum("bhld,hdr->bhlr", k, pk[..., :r])
+                qs = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq[..., :r].repeat_interleave(g, 0))
+                ks = torch.einsum("bhld,hdr->bhlr", k, pk[..., :r]).repeat_interleave(g, 1)
             scores = qs @ ks.transpose(-2, -1) / math.sqrt(d)  # (B, H, b - a, L)
             if causal:
                 future = torch.arange(L, device=q.device)[None, :] > torch.arange(a, b, device=q.device)[:, None]
                 scores = scores.masked_fill(future, float("-inf"))
-            out[:, :, a:b] = scores.softmax(-1) @ v
+            out[:, :, a:b] = scores.softmax(-1) @ vv
     return out

@@ -1,0 +1,1 @@
+"""Model surgery for third-party models (Hugging Face transformers)."""

