@@ -94,4 +94,5 @@ def test_every_shipped_config_is_valid(path):
     assert cfg.train.max_steps > 0
     if "drrl-hybrid" in path.name:
         assert cfg.train.mode == "hybrid" and cfg.model.attention_kwargs["controller"] == "rl"
-        assert cfg.rl.loss_weight == 0.1 and (cfg.rl.alpha, cfg.rl.beta, cfg.rl.gamma) == (1.0, 0.05, 0.1)
+        assert cfg.rl.loss_weight == 0.1 and (cfg.rl.alpha, cfg.rl.beta, cfg.rl.gamma) == (1.0, 0.5, 0.1)
+        assert cfg.rl.discount == 0.0  # per-decision rewards (see the config's header)

@@ -29,7 +29,9 @@ def test_readme_config_example_is_valid():
 
 
 PYTHON = [
-    pytest.param(code, marks=[pytest.mark.slow] if "drrl.fit(" in code else [], id=f"block{i}")
+    pytest.param(
+        code, marks=[pytest.mark.slow] if ("drrl.fit(" in code or "load_causal_lm(" in code) else [], id=f"block{i}"
+    )
     for i, code in enumerate(blocks("python"))
 ]
 

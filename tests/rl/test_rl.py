@@ -65,7 +65,7 @@ def rl_attention(bias_to: int | None = None, explore=True):
     torch.manual_seed(0)
     m = DynamicLowRankAttention(32, 2, segment=8).double()
     nb = len(m.buckets)
-    policy = RankPolicy(2 * nb + 3, nb, 1, d_model=16, n_head=2, n_layer_enc=1).double()
+    policy = RankPolicy(RLController.n_features(nb), nb, 1, d_model=16, n_head=2, n_layer_enc=1).double()
     if bias_to is not None:  # force one bucket
         with torch.no_grad():
             policy.pi.weight.zero_()
@@ -135,7 +135,7 @@ def test_gpt_with_the_rl_controller_has_no_causal_leakage():
     )
     model = GPT(cfg).double().eval()
     nb = len(model.blocks[0].attn.buckets)
-    ctrl = RLController(RankPolicy(2 * nb + 3, nb, 2, d_model=16, n_head=2).double())
+    ctrl = RLController(RankPolicy(RLController.n_features(nb), nb, 2, d_model=16, n_head=2).double())
     ctrl.explore = False
     for block in model.blocks:
         block.attn.set_controller(ctrl)
@@ -176,3 +176,27 @@ def test_ppo_updates_a_policy_on_the_gpu_from_cpu_rollouts():
     episodes = [bandit_episode(policy, 0.1, g) for _ in range(4)]
     stats = PPO(policy.cuda(), PPOConfig(epochs=1)).update(episodes)
     assert torch.isfinite(torch.tensor(stats["policy_loss"]))
+
+
+def test_previous_rank_is_the_layer_below_and_bound_only_while_learning():
+    torch.manual_seed(0)
+    cfg = GPTConfig(
+        vocab_size=97, context=32, n_layer=3, n_head=2, d_model=32, attention="drrl",
+        attention_kwargs={"segment": 8, "controller": "rl"},
+    )  # fmt: skip
+    model = GPT(cfg).double()
+    ctrl = model.rank_controller
+    ctrl.epsilon = EpsilonSchedule(1.0, 1.0)  # uniform exploration: layers pick different ranks
+    model.train()
+    ctrl.begin()
+    model(torch.randint(0, 97, (1, 32)))
+    (ep,) = ctrl.collect()
+    nb = len(model.blocks[0].attn.buckets)
+    act = {(int(i), int(s)): int(a) for i, s, a in zip(ep.layers, ep.segments, ep.actions, strict=True)}
+    for i, s, p in zip(ep.layers.tolist(), ep.segments.tolist(), ep.prev.tolist(), strict=True):
+        assert p == (nb if i == 0 else act[(i - 1, s)])
+    assert ctrl.needs_bound and bool((model.blocks[0].attn.last_plan.stats.bound > 0).any())
+    ctrl.eval()  # greedy inference computes no bound: it is a reward term, not a feature
+    assert not ctrl.needs_bound and not model.blocks[0].attn.needs_bound
+    model(torch.randint(0, 97, (1, 32)))
+    assert bool((model.blocks[0].attn.last_plan.stats.bound == 0).all())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -375,8 +376,11 @@ class DynamicLowRankAttention(Attention):
         """
         if q.shape[0] != 1:
             raise ValueError(f"plan() takes one sequence (batch 1), got batch {q.shape[0]}; attend() plans per row")
+        t0 = time.perf_counter()
         with torch.autocast(q.device.type, enabled=False), torch.autocast("cpu", enabled=False):
-            return self._plan(q, k, v, row)
+            plan = self._plan(q, k, v, row)
+        self._totals["time:plan"] += time.perf_counter() - t0  # host wall time (CPU timing; async on CUDA)
+        return plan
 
     def _plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int) -> Plan:
         B, H, L, d = q.shape
@@ -519,7 +523,9 @@ class DynamicLowRankAttention(Attention):
         stats = SegmentStats(
             self.layer_idx, self.buckets, energy, bound, allowed, decide, self.step_count, row, seq_feats
         )
+        t0 = time.perf_counter()
         choice = self.controller(stats).tolist()
+        self._totals["time:controller"] += time.perf_counter() - t0
         buckets, decided, safe = self.buckets.tolist(), decide.tolist(), allowed.tolist()  # one transfer each
         ranks = []
         for j in range(n_seg):
@@ -625,6 +631,10 @@ class DynamicLowRankAttention(Attention):
             if not bool(plan.stats.decide[s]):
                 continue
             bound = plan.stats.bound[s, buckets.index(r) if r in buckets else -1]
+            # scale-free in [0, 1]: rows of A and Ã are distributions, so ‖A − Ã‖_F ≤ √(2·rows) on the prefix the
+            # bound is measured on; raw bounds grow with the prefix and with the logits' scale and would swamp α, β
+            rows = max(s * T, min(T, L)) * B
+            bound = (bound / math.sqrt(2 * rows)).clamp(max=1.0)
             cost = cost_ratio(r, d, s * T, min(T, L - s * T), self.causal)
             rewards.append(float(reward(fidelity[s], torch.tensor(cost), bound.cpu(), cfg)))
         self.controller.observe(row, rewards)
@@ -656,8 +666,11 @@ class DynamicLowRankAttention(Attention):
             "fallbacks": t["fallbacks"],
             "qr_fallbacks": t["qr_fallbacks"],
             "calls": t["calls"],
+            # Q·Kᵀ FLOPs saved against full attention at the same shapes (counted pairs, causal weighting)
+            "score_flops_reduction": 1 - t["flops:scores"] / max(t["flops:full_scores"], 1),
         }
-        if with_flops:
+        if with_flops:  # host seconds in planning and in the controller (not in metrics: they are not reproducible)
+            out["time"] = {k.removeprefix("time:"): v for k, v in t.items() if k.startswith("time:")}
             out["flops"] = {k.removeprefix("flops:"): v for k, v in t.items() if k.startswith("flops:")}
         return out
 

