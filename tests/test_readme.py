@@ -44,6 +44,8 @@ def test_readme_python_snippet_runs(code, tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     if "logits" in namespace:
         assert namespace["logits"].shape == (1, 7, 50304)
+    if "layers" in namespace:  # the Hugging Face surgery snippet
+        assert len(namespace["layers"]) == 30 and namespace["layers"][0].last_plan.ranks == [48] * 4
     if "result" in namespace:
         assert namespace["result"]["ppl"] > 1 and "again from the checkpoint" in capsys.readouterr().out
         assert (tmp_path / "runs" / "readme" / "eval.json").is_file()

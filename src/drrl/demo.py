@@ -505,23 +505,26 @@ def _plots(rep: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = {r["method"]: r for r in rep["rows"]}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     groups = [("static", "s-", "static rank"), ("energy", "^-", "energy rule"), ("drrl", "o-", "DR-RL (β sweep)")]
-    for prefix, style, label in groups:
-        pts = sorted((1 - r["attn_flops_reduction"], r["ppl"]) for n, r in rows.items() if n.startswith(prefix))
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=label)
-    for n in ("random", "full"):
-        if n in rows:
-            ax.plot(1 - rows[n]["attn_flops_reduction"], rows[n]["ppl"], "x" if n == "random" else "*", ms=10, label=n)
-    for n, r in rows.items():
-        if n.startswith("drrl-beta"):
-            ax.annotate(n.removeprefix("drrl-"), (1 - r["attn_flops_reduction"], r["ppl"]), fontsize=7)
-    ax.set_xlabel("attention FLOPs relative to full (lower is cheaper)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{rep['model']}: perplexity against attention FLOPs")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, key, what in zip(axes, ("score_flops_reduction", "attn_flops_reduction"),
+                             ("score (Q·Kᵀ) FLOPs", "attention FLOPs, every overhead counted"), strict=True):  # fmt: skip
+        for prefix, style, label in groups:
+            pts = sorted((1 - r[key], r["ppl"]) for n, r in rows.items() if n.startswith(prefix))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=label)
+        for n in ("random", "full"):
+            if n in rows:
+                ax.plot(1 - rows[n][key], rows[n]["ppl"], "x" if n == "random" else "*", ms=10, label=n)
+        for n, r in rows.items():
+            if n.startswith("drrl"):
+                ax.annotate(n.removeprefix("drrl-") if n != "drrl" else f"beta={rep['config']['betas'][0]:g}",
+                            (1 - r[key], r["ppl"]), fontsize=7)  # fmt: skip
+        ax.set_xlabel(f"{what} relative to full")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity")
+    axes[0].legend()
+    fig.suptitle(f"{rep['model']}: perplexity against FLOPs (lower left is better)")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
