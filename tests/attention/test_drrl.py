@@ -398,3 +398,15 @@ def test_decode_step_rejects_bad_rank_and_several_queries():
         m.decode_step(q[:, :, -1:], cache, 16)
     with pytest.raises(ValueError, match="one query"):
         m.decode_step(q, cache, 8)
+
+
+def test_pop_stats_logs_rank_decisions_per_segment_and_score_flops():
+    torch.manual_seed(0)
+    m = DynamicLowRankAttention(64, 2, segment=8, controller="fixed", rank=16).double()
+    q, k, v = (torch.randn(2, 2, 30, 32, dtype=torch.float64) for _ in range(3))
+    m.attend(q, k, v)
+    st = m.pop_stats()
+    assert st["segment_ranks"] == [32, 16, 16, 16]  # segment 0 has no prefix: full rank; 30 tokens, 2 rows
+    pairs = [flops.causal_pairs(8 * s, min(8, 30 - 8 * s)) for s in range(4)]
+    kept = (pairs[0] * 32 + sum(pairs[1:]) * 16) / (sum(pairs) * 32)
+    assert st["score_flops_reduction"] == pytest.approx(1 - kept) and m.pop_stats() == {}

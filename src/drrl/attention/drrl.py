@@ -313,7 +313,10 @@ class DynamicLowRankAttention(Attention):
     def finish_calibration(self) -> bool:
         """Fit the calibrated maps from the accumulated Grams; returns False (and keeps full rank) on failure."""
         if self.cal_tokens.item() == 0:
-            raise RuntimeError("no calibration data was seen; run forward passes inside calibrating(model)")
+            raise RuntimeError(
+                "no calibration data was seen; run forward passes inside calibrating(model) (without padding masks: "
+                "padded batches run exact attention and are not calibrated)"
+            )
         try:
             pq, pk, _ = lowrank_score_maps(self.cal_gq, self.cal_gk, self.r_max, ridge=self.ridge)
             ok = bool(torch.isfinite(pq).all() and torch.isfinite(pk).all())
@@ -633,7 +636,7 @@ class DynamicLowRankAttention(Attention):
             bound = plan.stats.bound[s, buckets.index(r) if r in buckets else -1]
             # scale-free in [0, 1]: rows of A and Ã are distributions, so ‖A − Ã‖_F ≤ √(2·rows) on the prefix the
             # bound is measured on; raw bounds grow with the prefix and with the logits' scale and would swamp α, β
-            rows = max(s * T, min(T, L)) * B
+            rows = self.group * max(s * T, min(T, L)) * B  # a GQA bound covers the group's stacked rows
             bound = (bound / math.sqrt(2 * rows)).clamp(max=1.0)
             cost = cost_ratio(r, d, s * T, min(T, L - s * T), self.causal)
             rewards.append(float(reward(fidelity[s], torch.tensor(cost), bound.cpu(), cfg)))
@@ -649,6 +652,9 @@ class DynamicLowRankAttention(Attention):
         t["refreshes"] += plan.refreshes
         t["fallbacks"] += plan.fallbacks
         t["qr_fallbacks"] += plan.qr_fallbacks
+        for i, r in enumerate(plan.ranks):  # per segment index: the rank decisions of this layer, logged
+            t[f"seg_rank:{i}"] += B * r
+            t[f"seg_n:{i}"] += B
         t.update({"flops:" + k: v for k, v in plan.flops.items()})
         t.update({"flops:full_" + k: v for k, v in flops.full_attention(B, H, L, d, self.causal).items()})
 
@@ -657,7 +663,7 @@ class DynamicLowRankAttention(Attention):
         the algorithmic FLOPs by category beside those of full attention at the same shapes, ``full_*``)."""
         t, self._totals = self._totals, Counter()
         if not t["segments"]:
-            return {}
+            return {"hf_exact_calls": t["hf_exact_calls"]} if t["hf_exact_calls"] else {}
         out = {
             "mean_rank": t["rank_tokens"] / t["tokens"],  # token-weighted
             "segments": t["segments"],
@@ -668,6 +674,9 @@ class DynamicLowRankAttention(Attention):
             "calls": t["calls"],
             # Q·Kᵀ FLOPs saved against full attention at the same shapes (counted pairs, causal weighting)
             "score_flops_reduction": 1 - t["flops:scores"] / max(t["flops:full_scores"], 1),
+            "hf_exact_calls": t["hf_exact_calls"],  # calls a Hugging Face wrapper ran exactly (padding, HF cache)
+            # mean executed rank of each segment index (0, 1, ...) over the sequences since the last call
+            "segment_ranks": [t[f"seg_rank:{i}"] / t[f"seg_n:{i}"] for i in range(_n_segments(t))],
         }
         if with_flops:  # host seconds in planning and in the controller (not in metrics: they are not reproducible)
             out["time"] = {k.removeprefix("time:"): v for k, v in t.items() if k.startswith("time:")}
@@ -711,6 +720,13 @@ class DynamicLowRankAttention(Attention):
         if rank not in self.buckets.tolist():
             raise ValueError(f"rank must be one of the buckets {self.buckets.tolist()}, got {rank}")
         return ExportedLowRankAttention.from_drrl(self, rank, fold=fold)
+
+
+def _n_segments(t: Counter) -> int:
+    n = 0
+    while t[f"seg_n:{n}"]:
+        n += 1
+    return n
 
 
 class LowRankKVCache:

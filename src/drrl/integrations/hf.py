@@ -105,7 +105,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def _exact(module, query, key, value, attention_mask, scaling):
     g = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
-    causal = attention_mask is None and query.shape[2] == key.shape[2] and query.shape[2] > 1
+    causal = attention_mask is None and query.shape[2] > 1  # transformers' SDPA convention (mask-free prefill)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
 
 

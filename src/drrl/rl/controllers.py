@@ -210,6 +210,7 @@ class RLController(RankController):
         out = torch.full((len(feats),), nb - 1, dtype=torch.long)
         segs = decide.nonzero().flatten().tolist()
         if not segs:
+            ep["below"] = {}
             return out
         # all of this layer's decisions in one policy pass: a decision's state holds nothing chosen in the same
         # layer (its previous rank is the layer below's at the same segment), so they need no sequential loop
