@@ -87,3 +87,15 @@ def full_attention(batch: int, heads: int, seq_len: int, d_head: int, causal: bo
 def decode_bytes_limit(d_head: int, rank: int) -> float:
     """Best possible speed-up of a memory-bound decode step from a rank-r key cache: 2d / (r + d)."""
     return 2 * d_head / (rank + d_head)
+
+
+def attention_module(attn, batch: int, seq_len: int) -> dict:
+    """FLOPs of one attention layer's core at (batch, seq_len), by category: the module's own ``flops(batch,
+    seq_len)`` (Performer, Nyström, Linformer count their algorithm there), else exact attention. drrl and
+    static attention depend on the data (ranks, statistics): read them from ``pop_stats(with_flops=True)``."""
+    if hasattr(attn, "pop_stats"):
+        raise ValueError(f"{type(attn).__name__} FLOPs depend on the executed plan; use pop_stats(with_flops=True)")
+    fn = getattr(attn, "flops", None)
+    if callable(fn):
+        return dict(fn(batch, seq_len))
+    return full_attention(batch, attn.n_head, seq_len, attn.d_head, attn.causal)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from drrl.attention import available_attentions
+from drrl.attention import available_attentions, calibrating
 from drrl.errors import ConfigError
 from drrl.models import GPT, GPTConfig
 
@@ -14,8 +14,12 @@ def tiny(**kw) -> GPTConfig:
 def test_no_causal_leakage(attention):
     """Changing token t+1 never changes the logits at positions <= t (every registered causal attention)."""
     torch.manual_seed(0)
-    model = GPT(tiny(attention=attention)).double().eval()
+    kwargs = {"rank": 4, "segment": 8} if attention == "static" else {}  # static: one rank, calibrated maps
+    model = GPT(tiny(attention=attention, attention_kwargs=kwargs)).double().eval()
     idx = torch.randint(0, 97, (2, 24))
+    if attention == "static":
+        with calibrating(model):
+            model(torch.randint(0, 97, (4, 24)))
     base = model(idx)
     for t in (0, 5, 22):
         changed = idx.clone()

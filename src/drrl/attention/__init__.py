@@ -9,13 +9,21 @@ from drrl.attention.base import (
 )
 from drrl.attention.drrl import DynamicLowRankAttention, calibrating
 from drrl.attention.full import FullAttention
+from drrl.attention.linformer import LinformerAttention
+from drrl.attention.nystrom import NystromAttention
+from drrl.attention.performer import PerformerAttention
 from drrl.attention.rope import RotaryEmbedding
+from drrl.attention.static import StaticRankAttention
 
 __all__ = [
     "Attention",
     "DynamicLowRankAttention",
     "FullAttention",
+    "LinformerAttention",
+    "NystromAttention",
+    "PerformerAttention",
     "RotaryEmbedding",
+    "StaticRankAttention",
     "available_attentions",
     "build_attention",
     "calibrating",

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from drrl.attention import DynamicLowRankAttention, StaticRankAttention, build_attention, calibrating
+from drrl.attention.full import naive_attention
+
+
+def _qkv(B=2, H=2, L=40, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, H, L, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_rank_static_is_exact_after_calibration(causal):
+    m = StaticRankAttention(32, 2, rank=16, causal=causal, segment=8).double()
+    q, k, v = _qkv()
+    with calibrating(m):
+        m.attend(q, k, v)
+    torch.testing.assert_close(m.attend(q, k, v), naive_attention(q, k, v, causal), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_static_equals_drrl_with_a_fixed_rank(causal):
+    q, k, v = _qkv(seed=1)
+    st = StaticRankAttention(32, 2, rank=8, causal=causal, segment=8).double()
+    dyn = DynamicLowRankAttention(32, 2, causal=causal, segment=8, basis="calibrated", controller="fixed", rank=8)
+    dyn = dyn.double()
+    for m in (st, dyn):
+        with calibrating(m):
+            m.attend(q, k, v)
+    out = st.attend(q, k, v)
+    torch.testing.assert_close(out, dyn.attend(q, k, v), rtol=0, atol=1e-10)
+    assert (out - naive_attention(q, k, v, causal)).abs().max() > 1e-3  # rank 8 of 16 is not exact
+    assert tuple(st.pq.shape) == (2, 16, 8)  # maps stored at width r only
+    st.attend(q, k, v)
+    if not causal:  # one block: exactly r/d of the score FLOPs
+        assert st.pop_stats()["score_flops_reduction"] == pytest.approx(0.5)
+
+
+def test_uncalibrated_and_bad_rank_are_clear_errors():
+    m = build_attention("static", 32, 2, rank=4)
+    with pytest.raises(RuntimeError, match="calibrating"):
+        m.attend(*(x.float() for x in _qkv()))
+    for bad in (None, 0, 17):
+        with pytest.raises(ValueError, match="rank"):
+            StaticRankAttention(32, 2, rank=bad)
