@@ -24,6 +24,23 @@ from drrl.rl.controllers import RLController
 from drrl.rl.policy import RankPolicy
 
 
+def validate_attention(name: str, kwargs: dict, d_model: int, n_head: int, causal: bool, bias: bool) -> None:
+    """Config check shared by the models: ``name`` is registered for this direction, and ``kwargs`` fit its
+    constructor, whose own checks run on the meta device at no cost. Raises FieldError."""
+    names = available_attentions(causal=causal)
+    require(name in names, "attention", f"must be one of {', '.join(names)}, got {name!r}")
+    cls = get_attention_class(name)
+    try:
+        inspect.signature(cls.__init__).bind(None, d_model, n_head, causal=causal, bias=bias, **kwargs)
+    except TypeError as e:
+        raise FieldError("attention_kwargs", f"do not fit attention {name!r}: {e}") from None
+    try:  # the constructor's own checks (ranks above the head dimension, unknown modes), at no cost
+        with torch.device("meta"):
+            cls(d_model, n_head, causal=causal, bias=bias, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise FieldError("attention_kwargs", f"invalid for attention {name!r}: {e}") from None
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50,257 ids padded to a multiple of 64 (faster matmuls)
@@ -52,19 +69,7 @@ class GPTConfig:
         require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
-        names = available_attentions(causal=True)
-        require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
-        cls = get_attention_class(self.attention)
-        signature = inspect.signature(cls.__init__)
-        try:
-            signature.bind(None, self.d_model, self.n_head, causal=True, bias=self.bias, **self.attention_kwargs)
-        except TypeError as e:
-            raise FieldError("attention_kwargs", f"do not fit attention {self.attention!r}: {e}") from None
-        try:  # the constructor's own checks (ranks above the head dimension, unknown modes), at no cost
-            with torch.device("meta"):
-                cls(self.d_model, self.n_head, causal=True, bias=self.bias, **self.attention_kwargs)
-        except (ValueError, TypeError) as e:
-            raise FieldError("attention_kwargs", f"invalid for attention {self.attention!r}: {e}") from None
+        validate_attention(self.attention, self.attention_kwargs, self.d_model, self.n_head, True, self.bias)
 
     @property
     def d_head(self) -> int:
