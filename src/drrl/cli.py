@@ -12,6 +12,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   drrl demo --out runs/demo                      # the main job: DR-RL vs heuristics on SmolLM2-135M
+  drrl classify configs/rt-polarity-table.yaml --out runs/rt --set quick=true
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --set train.max_steps=50
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --resume
   drrl eval runs/tiny --split test
@@ -128,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a one-minute smoke run (sets context 256, segment 64, 2 windows, 2 PPO steps, overriding those options)",
     )
 
+    c = sub.add_parser(
+        "classify",
+        parents=[quiet],
+        help="fine-tune and evaluate a pretrained encoder with swappable attention on sentence classification",
+        description="For every method of the config (an attention by name and its settings) and every seed: "
+        "fine-tune the encoder (default: the embedded all-MiniLM-L6-v2) on the training split and measure test "
+        "accuracy, attention FLOPs per sentence and CPU time per batch. Writes DIR/results.json and DIR/report.md.",
+    )
+    c.add_argument("config", help="YAML file (e.g. configs/rt-polarity-table.yaml)")
+    c.add_argument("--out", help="output folder (default: runs/<config name>)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set quick=true or --set seeds=[0] (repeatable)")  # fmt: skip
+
     sub.add_parser(
         "info",
         parents=[quiet],
@@ -194,6 +208,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_classify(args) -> int:
+    from drrl.classify import ClassifyConfig, render_table, run_table
+
+    cfg = ClassifyConfig.load(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    rep = run_table(cfg, out, quiet=args.quiet)
+    print(render_table(rep["rows"]), end="")
+    print(f"{rep['seconds']:.0f} s; results: {out / 'results.json'}")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -231,6 +256,7 @@ def cmd_info(args) -> int:
 
 COMMANDS = {
     "demo": cmd_demo,
+    "classify": cmd_classify,
     "train": cmd_train,
     "eval": cmd_eval,
     "data": cmd_data,

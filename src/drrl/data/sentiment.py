@@ -10,7 +10,8 @@
   of Pang & Lee's rt-polarity / SST, but with VADER's ratings, **not SST labels**. The parsed
   splits are cached as JSON under ``$DRRL_CACHE_DIR/sentences/``, so later loads never open the
   tarball.
-* ``tsv:PATH`` — a local UTF-8 file of ``text<TAB>label`` lines (no header; blank lines skipped).
+* ``tsv:PATH`` — a local UTF-8 file of ``text<TAB>label`` lines (blank lines skipped; a first line
+  whose label is not an integer above integer labels, e.g. ``sentence<TAB>label``, is a header).
   Labels that are all non-negative integers are kept as they are; otherwise (words, negative
   numbers) the distinct labels are numbered 0..k-1 in sorted order and kept in ``label_names``.
 * ``sst2`` — GLUE SST-2 through ``datasets.load_dataset("nyu-mll/glue", "sst2")`` (online,
@@ -65,7 +66,9 @@ INNER_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
 MOVIE_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _CACHE_FORMAT = 1  # bump whenever parsing or splitting changes: old cache files are then ignored
 
-_SST2_HUB_HINT = "sst2 needs the Hugging Face hub (pip install 'drrl[hf]' and go online); offline use rt-polarity or tsv:PATH"
+_SST2_HUB_HINT = (
+    "sst2 needs the Hugging Face hub (pip install 'drrl[hf]' and go online); offline use rt-polarity or tsv:PATH"
+)
 
 
 @dataclass
@@ -224,7 +227,7 @@ def read_vader_movie_file(sdist: str | os.PathLike) -> bytes:
     try:
         with tarfile.open(sdist, "r:gz") as outer:
             member = next((m for m in outer.getmembers() if m.name.endswith("/" + INNER_TARBALL)), None)
-            if member is None:
+            if member is None or not member.isfile():
                 raise DataError(f"{sdist} has no {INNER_TARBALL}; it is not the {VADER_REQUIREMENT} sdist")
             inner_bytes = outer.extractfile(member).read()
         with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:

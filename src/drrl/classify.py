@@ -1,0 +1,286 @@
+"""Sentence classification with a pretrained encoder and swappable attention (``drrl classify CONFIG``).
+
+For each method (an attention by name with its settings) and seed: load the encoder (embedded
+all-MiniLM-L6-v2 by default) with that attention, calibrate drrl/static bases on training batches, fine-tune
+on the training split, and measure test accuracy, attention FLOPs per sentence and CPU time per batch.
+Batches group sentences of equal token length, so no padding mask is ever needed (efficient attentions
+treat masks differently or not at all). Writes ``DIR/results.json`` (``{"rows": [{"method",
+"accuracy_mean", "accuracy_std", "seeds", "attn_flops", ...}]}``) and ``DIR/report.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from drrl import flops
+from drrl.attention import available_attentions, calibrating
+from drrl.config import FieldError, apply_overrides, from_dict, load_yaml, require
+from drrl.errors import ConfigError
+from drrl.models.encoder import EncoderClassifier, minilm_dir
+from drrl.utils import resolve_device, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_SEED = 1234  # the fixed order of each split (independent of the run seeds)
+
+
+@dataclass
+class MethodSpec:
+    method: str  # the row's name, e.g. "full", "drrl", "performer"
+    attention: str = ""  # registered attention (default: the method's name)
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        require(bool(self.method), "method", "must be a non-empty name")
+        self.attention = self.attention or self.method
+        names = available_attentions(causal=False)  # the settings are checked when the encoder is built
+        require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
+
+
+@dataclass
+class ClassifyConfig:
+    data: str = "rt-polarity"  # rt-polarity | tsv:PATH | sst2 | sst2:DIR
+    model: str | None = None  # BERT folder; None: the embedded all-MiniLM-L6-v2
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("full")])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 1
+    train_limit: int | None = None  # use only the first N training sentences (after the seeded split)
+    eval_limit: int | None = None
+    max_len: int = 64  # tokens per sentence, [CLS] and [SEP] included
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    dropout: float = 0.1
+    calib_batches: int = 8  # training batches that fit drrl/static bases
+    device: str = "cpu"
+    quick: bool = False  # smoke run: 64 training and 64 test sentences, one seed, max_len 32
+
+    def __post_init__(self):
+        for name in ("epochs", "max_len", "batch_size", "calib_batches"):
+            require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        for name in ("train_limit", "eval_limit"):
+            v = getattr(self, name)
+            require(v is None or v > 0, name, f"must be a positive integer or null, got {v}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.warmup_frac < 1, "warmup_frac", f"must be in [0, 1), got {self.warmup_frac}")
+        require(bool(self.seeds), "seeds", "must list at least one seed")
+        require(bool(self.methods), "methods", "must list at least one method")
+        names = [m.method for m in self.methods]
+        require(len(set(names)) == len(names), "methods", f"names must be distinct, got {names}")
+        if self.quick:
+            self.train_limit, self.eval_limit, self.seeds, self.max_len = 64, 64, self.seeds[:1], 32
+        try:
+            resolve_device(self.device)
+        except ConfigError as e:
+            raise FieldError("device", f"is not usable: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> ClassifyConfig:
+        data = load_yaml(path) if path is not None else {}
+        return from_dict(cls, apply_overrides(data, overrides))
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+def encode_sentences(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids with the model's special tokens ([CLS] ... [SEP]), truncated to ``max_len``."""
+    return [tokenizer(t, truncation=True, max_length=max_len)["input_ids"] for t in texts]
+
+
+def length_batches(ids: list[list[int]], batch_size: int, generator: torch.Generator | None = None):
+    """Index batches in which every sentence has the same length (no padding); shuffled when a generator is
+    given (within each length, then the order of the batches)."""
+    by_len = defaultdict(list)
+    for i, x in enumerate(ids):
+        by_len[len(x)].append(i)
+    batches = []
+    for n in sorted(by_len):
+        idx = by_len[n]
+        if generator is not None:
+            idx = [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
+        batches += [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    if generator is not None:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+def _attention_flops(model: EncoderClassifier, batch: int, length: int) -> int:
+    """Attention FLOPs of one batch for attentions with a closed form (drrl/static are read from their plans)."""
+    return sum(
+        sum(flops.attention_module(layer.attn, batch, length).values())
+        for layer in model.layers
+        if not hasattr(layer.attn, "pop_stats")
+    )
+
+
+def _plan_flops(model: EncoderClassifier) -> int:
+    total = 0
+    for layer in model.layers:
+        if hasattr(layer.attn, "pop_stats"):
+            st = layer.attn.pop_stats(with_flops=True)
+            total += sum(v for k, v in st.get("flops", {}).items() if not k.startswith("full_"))
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, ids, labels, batch_size, device) -> dict:
+    """Accuracy, attention FLOPs per sentence and mean forward time per batch (ms) on (ids, labels)."""
+    model.eval()
+    _plan_flops(model)  # drop counters of earlier calls
+    correct, attn_flops, times = 0, 0, []
+    for b in length_batches(ids, batch_size):
+        x = torch.tensor([ids[i] for i in b], device=device)
+        t0 = time.perf_counter()
+        pred = model(x).argmax(-1)
+        times.append(time.perf_counter() - t0)
+        correct += int((pred.cpu() == torch.tensor([labels[i] for i in b])).sum())
+        attn_flops += _attention_flops(model, len(b), x.shape[1])
+    attn_flops += _plan_flops(model)
+    return {
+        "accuracy": correct / len(ids),
+        "attn_flops": attn_flops / len(ids),
+        "ms_per_batch": 1e3 * statistics.mean(times),
+    }
+
+
+def run_one(spec: MethodSpec, seed: int, data: dict, cfg: ClassifyConfig, path: Path, quiet: bool = False) -> dict:
+    """Fine-tune and evaluate one (method, seed); ``data`` holds tokenised splits."""
+    torch.manual_seed(seed)
+    device = resolve_device(cfg.device)
+    model = EncoderClassifier.from_bert(
+        path, attention=spec.attention, attention_kwargs=spec.attention_kwargs, n_classes=data["n_classes"],
+        dropout=cfg.dropout,
+    ).to(device)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    tr_ids, tr_y = data["train"]
+    if spec.attention in ("drrl", "static"):  # calibrated bases from training batches
+        with torch.no_grad(), calibrating(model):
+            for b in length_batches(tr_ids, cfg.batch_size, g)[: cfg.calib_batches]:
+                model.encode(torch.tensor([tr_ids[i] for i in b], device=device))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batches = [b for _ in range(cfg.epochs) for b in length_batches(tr_ids, cfg.batch_size, g)]
+    warm = max(1, int(cfg.warmup_frac * len(batches)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (len(batches) - s) / max(1, len(batches) - warm)))
+    )
+    model.train()
+    t0, n_tok = time.perf_counter(), 0
+    bar = tqdm(batches, desc=f"{spec.method} seed {seed}", unit="batch", disable=quiet, leave=False)
+    for b in bar:
+        x = torch.tensor([tr_ids[i] for i in b], device=device)
+        loss = F.cross_entropy(model(x), torch.tensor([tr_y[i] for i in b], device=device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{spec.method}: loss became {loss.item()}; lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        n_tok += x.numel()
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+    train_s = time.perf_counter() - t0
+    out = evaluate(model, *data["test"], cfg.batch_size, device)
+    out["validation_accuracy"] = evaluate(model, *data["validation"], cfg.batch_size, device)["accuracy"]
+    out.update(method=spec.method, seed=seed, train_seconds=train_s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict:
+    from transformers import AutoTokenizer
+
+    from drrl.data.sentiment import load_sentences
+
+    out = Path(out)
+    path = Path(cfg.model) if cfg.model else minilm_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = load_sentences(cfg.data)
+    data = {"n_classes": ds.n_classes}
+    for split, limit in (("train", cfg.train_limit), ("validation", cfg.eval_limit), ("test", cfg.eval_limit)):
+        texts, labels = ds.split(split)
+        # splits keep the source order (rt-polarity's is not random): a fixed shuffle before any limit
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(SHUFFLE_SEED)).tolist()
+        texts, labels = [texts[i] for i in order][:limit], [labels[i] for i in order][:limit]
+        data[split] = (encode_sentences(tok, texts, cfg.max_len), list(labels))
+    t_start = time.perf_counter()
+    runs = []
+    for spec in cfg.methods:
+        for seed in cfg.seeds:
+            r = run_one(spec, seed, data, cfg, path, quiet)
+            log.info("%s seed %d: accuracy %.4f", spec.method, seed, r["accuracy"])
+            runs.append(r)
+    rows = []
+    for spec in cfg.methods:
+        rs = [r for r in runs if r["method"] == spec.method]
+        accs = [r["accuracy"] for r in rs]
+        rows.append({
+            "method": spec.method,
+            "attention": spec.attention,
+            "attention_kwargs": spec.attention_kwargs,
+            "accuracy_mean": statistics.mean(accs),
+            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "seeds": [r["seed"] for r in rs],
+            "accuracies": accs,
+            "attn_flops": statistics.mean(r["attn_flops"] for r in rs),
+            "cpu_ms_per_batch": statistics.median(r["ms_per_batch"] for r in rs),
+            "train_seconds": statistics.mean(r["train_seconds"] for r in rs),
+        })  # fmt: skip
+    lens = Counter(len(x) for x in data["test"][0])
+    report = {
+        "config": asdict(cfg),
+        "model": str(path),
+        "sizes": {s: len(data[s][0]) for s in ("train", "validation", "test")},
+        "mean_test_tokens": sum(n * c for n, c in lens.items()) / max(1, sum(lens.values())),
+        "seconds": time.perf_counter() - t_start,
+        "rows": rows,
+        "runs": runs,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", report)
+    write_text_atomic(out / "report.md", render_report(report))
+    return report
+
+
+def render_table(rows: list[dict]) -> str:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    head = "| method | accuracy (mean ± std) | seeds | attention FLOPs / sentence | × full | CPU ms / batch |\n"
+    head += "|---|---:|---:|---:|---:|---:|\n"
+    lines = []
+    for r in rows:
+        rel = r["attn_flops"] / full["attn_flops"] if full and full["attn_flops"] else math.nan
+        lines.append(
+            f"| {r['method']} | {100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f} | {len(r['seeds'])} "
+            f"| {r['attn_flops'] / 1e6:.2f} M | {rel:.2f} | {r['cpu_ms_per_batch']:.1f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def render_report(rep: dict) -> str:
+    c = rep["config"]
+    return f"""# drrl classify: {c["data"]} with {rep["model"]}
+
+Sizes {rep["sizes"]}, mean test length {rep["mean_test_tokens"]:.1f} tokens; {c["epochs"]} epoch(s), batch
+{c["batch_size"]} (sentences of equal length), lr {c["lr"]}, max_len {c["max_len"]}; {rep["seconds"]:.0f} s in all.
+
+{render_table(rep["rows"])}
+Attention FLOPs per test sentence from `drrl.flops` (every attention layer; drrl/static from their plans).
+"""

