@@ -44,3 +44,19 @@ def test_uncalibrated_and_bad_rank_are_clear_errors():
     for bad in (None, 0, 17):
         with pytest.raises(ValueError, match="rank"):
             StaticRankAttention(32, 2, rank=bad)
+
+
+def test_bidirectional_drrl_computes_calibration_statistics_once_per_length():
+    m = DynamicLowRankAttention(32, 2, causal=False, basis="calibrated", controller="energy", tau=0.9).double()
+    q, k, v = _qkv()
+    with calibrating(m):
+        m.attend(q, k, v)
+    first = m.attend(q, k, v)
+    st1 = m.pop_stats(with_flops=True)
+    again = m.attend(*_qkv(seed=5))
+    st2 = m.pop_stats(with_flops=True)
+    assert st1["flops"]["stats"] > 0 and "stats" not in st2["flops"]  # counted once, when computed
+    assert m.last_plan.ranks == [int(st1["mean_rank"])] and first.shape == again.shape
+    m.load_state_dict(m.state_dict())  # new maps invalidate the cache
+    m.attend(q, k, v)
+    assert m.pop_stats(with_flops=True)["flops"]["stats"] > 0

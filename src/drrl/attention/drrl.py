@@ -258,6 +258,7 @@ class DynamicLowRankAttention(Attention):
         self.register_buffer("z", eye.clone())  # running online basis, the warm start of the next call
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards (random streams)
         self._calibrating = False
+        self._static_stats: dict = {}  # bidirectional: statistics of the calibration Grams, by sequence length
         self.last_plan: Plan | None = None
         self._totals: Counter = Counter()
 
@@ -290,6 +291,10 @@ class DynamicLowRankAttention(Attention):
                     device=new.device, dtype=old.dtype if name.startswith("cal_") else torch.float32
                 )
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._static_stats.clear()  # new maps: cached statistics are stale
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def set_controller(self, controller: RankController) -> None:
         self.controller = controller
@@ -330,6 +335,7 @@ class DynamicLowRankAttention(Attention):
         self.pq.copy_(pq)
         self.pk.copy_(pk)
         self.z.copy_(pq)
+        self._static_stats.clear()
         self.calibrated.fill_(True)
         return True
 
@@ -508,9 +514,18 @@ class DynamicLowRankAttention(Attention):
         # statistics of the executed maps, batched per basis version
         for s, t in _runs(seg_maps, new_version):
             if seg_maps[s] is not None and need_stats and not stats_done[s]:
-                e, b = self._bucket_stats(gq[s:t], gk[s:t], None if gv is None else gv[s:t], *seg_maps[s])
+                # a bidirectional layer reads only calibration statistics: the same for every sequence of a
+                # length, so they are computed once per (length, precision, bound) and reused (counted once)
+                key = (L, sdt, q.device, gv is not None) if not self.causal else None
+                hit = self._static_stats.get(key) if key is not None else None
+                if hit is None:
+                    e, b = self._bucket_stats(gq[s:t], gk[s:t], None if gv is None else gv[s:t], *seg_maps[s])
+                    fc["stats"] += (t - s) * self.n_kv_head * self._stats_flops(b is not None)
+                    if key is not None:
+                        self._static_stats[key] = (e, b)
+                else:
+                    e, b = hit
                 energy[s:t] = e
-                fc["stats"] += (t - s) * self.n_kv_head * self._stats_flops(b is not None)
                 if b is not None:
                     bound[s:t] = b
         bad = decide & ~(torch.isfinite(energy).all(1) & torch.isfinite(bound).all(1))
