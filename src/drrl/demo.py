@@ -511,7 +511,7 @@ def render_report(rep: dict) -> str:
 Corpus `{c["corpus"]}` (test split), {c["eval_windows"]} evenly spread windows of {c["context"]} tokens; calibration
 on {c["calib_windows"]} training windows; rank decisions every {c["segment"]} tokens per layer, buckets {rep["buckets"]}.
 DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), reward α={c["alpha"]}, γ={c["gamma"]},
-β ∈ {list(c["betas"])} (`drrl` is β={c["betas"][0]}). `static` is the bucket nearest DR-RL's mean rank
+β ∈ {list(c["betas"])} (`drrl` is β={c["betas"][0]}; `energy` is τ={c["taus"][0]}). `static` is the bucket nearest DR-RL's mean rank
 ({rep["matched_static_rank"]}). Machine: {rep["machine"]}; the whole job took {rep["seconds"]:.0f} s.
 
 {render_table(rep["rows"])}
