@@ -306,8 +306,7 @@ def main(argv=None) -> dict:
         "decode": [row for L in args.decode_lengths for row in _decode_at(args, L, device, dtype, timer)],
     }
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, result)  # creates the parent folder
     return result
 
 

@@ -116,8 +116,7 @@ def main(argv=None) -> dict:
         rows.append(run(name, model))
     result = {"run": str(args.run), "segment": args.segment, "threads": torch.get_num_threads(), "rows": rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, result)
+        write_json_atomic(args.json, result)  # creates the parent folder
     return result
 
 

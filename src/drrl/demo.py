@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from drrl import flops
 from drrl.attention.drrl import LowRankKVCache, calibrating
+from drrl.attention.full import grouped_sdpa
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens
 from drrl.errors import ConfigError, DrrlError
@@ -245,11 +246,6 @@ def capture_qkv(model, layers, window) -> list[tuple]:
     return store
 
 
-def _full_attention(q, k, v):
-    g = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)
-
-
 @torch.no_grad()
 def time_methods(layers, qkv, setups: dict, repeats: int) -> dict:
     """Attention-layer prefill time and one decode step per method, relative to full attention.
@@ -270,7 +266,7 @@ def time_methods(layers, qkv, setups: dict, repeats: int) -> dict:
 
     def run_full():
         for q, k, v in qkv:
-            _full_attention(q, k, v)
+            grouped_sdpa(q, k, v, causal=True)
 
     def run_full_decode():
         for c, q in zip(full_caches, queries, strict=True):

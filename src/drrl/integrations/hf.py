@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from drrl.attention.base import Attention
 from drrl.attention.drrl import BASIS_MODES, DynamicLowRankAttention
+from drrl.attention.full import grouped_sdpa
 from drrl.errors import DrrlError
 from drrl.utils import cache_dir, package_dir
 
@@ -103,10 +103,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _exact(module, query, key, value, attention_mask, scaling):
-    g = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
     causal = attention_mask is None and query.shape[2] > 1  # transformers' SDPA convention (mask-free prefill)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
+    return grouped_sdpa(query, key, value, causal=causal, mask=attention_mask, scale=scaling)
 
 
 def drrl_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
