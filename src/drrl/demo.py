@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import platform
 import statistics
 import time
@@ -37,8 +36,8 @@ from drrl import flops
 from drrl.attention.drrl import LowRankKVCache, calibrating
 from drrl.attention.full import grouped_sdpa
 from drrl.data.tokenizer import get_tokenizer
-from drrl.data.tokens import load_tokens
-from drrl.errors import ConfigError, DrrlError
+from drrl.data.tokens import load_tokens, spread_windows
+from drrl.errors import ConfigError
 from drrl.integrations.hf import (
     EMBEDDED_MODEL,
     apply_dynamic_rank,
@@ -49,7 +48,7 @@ from drrl.rl.controllers import RLController, build_controller
 from drrl.rl.policy import EpsilonSchedule, RankPolicy
 from drrl.rl.ppo import PPO, PPOConfig
 from drrl.rl.reward import RewardConfig
-from drrl.utils import atomic_path, resolve_device, write_json_atomic, write_text_atomic
+from drrl.utils import atomic_path, check_out_dir, resolve_device, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +123,6 @@ class MethodResult:
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-def _windows(tokens: np.ndarray, n: int, length: int, offset_frac: float = 0.0) -> list[torch.Tensor]:
-    """``n`` windows of ``length`` tokens evenly spread over ``tokens`` (shifted by a fraction of a stride)."""
-    if len(tokens) < length:
-        raise DrrlError(
-            f"the corpus split has {len(tokens)} tokens, fewer than one window of {length}; lower --context"
-        )
-    span = len(tokens) - length
-    stride = span / max(n, 1)
-    starts = [min(int(i * stride + offset_frac * stride), span) for i in range(n)]
-    return [torch.from_numpy(np.asarray(tokens[s : s + length], dtype=np.int64)) for s in starts]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -327,7 +314,7 @@ def time_methods(layers, qkv, setups: dict, repeats: int) -> dict:
 def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     """Run the whole comparison and write the report; returns the results dictionary."""
     out = Path(out)
-    _check_out(out)  # a bad --out fails now, not after minutes of work
+    check_out_dir(out)  # a bad --out fails now, not after minutes of work
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -337,9 +324,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     test = load_tokens(cfg.corpus, "test", tok)
     train = load_tokens(cfg.corpus, "train", tok)
     L = cfg.context + 1
-    eval_w = _windows(test, cfg.eval_windows, L)
-    calib_w = _windows(train, cfg.calib_windows, L)
-    policy_w = _windows(train, max(cfg.policy_steps, 1), L, offset_frac=0.5)  # between the calibration windows
+    eval_w = spread_windows(test, cfg.eval_windows, L)
+    calib_w = spread_windows(train, cfg.calib_windows, L)
+    policy_w = spread_windows(train, max(cfg.policy_steps, 1), L, offset_frac=0.5)  # between the calibration windows
 
     results: dict[str, MethodResult] = {}
     results["full"] = perplexity(model, eval_w, desc="full", quiet=quiet)
@@ -418,17 +405,6 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     write_json_atomic(out / "results.json", report)
     write_text_atomic(out / "report.md", render_report(report))
     return report
-
-
-def _check_out(out: Path) -> None:
-    """``out`` must be a folder or creatable as one, and writable; nothing is created here."""
-    if out.exists() and not out.is_dir():
-        raise DrrlError(f"--out {out} is a file; choose a folder")
-    base = out
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise DrrlError(f"cannot write to {base} (for --out {out}); choose a writable folder")
 
 
 def _r_max(model) -> int:

@@ -102,3 +102,16 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def cache_dir() -> Path:
     """Where tokenised corpora and downloaded assets live: ``$DRRL_CACHE_DIR`` or ``~/.cache/drrl``."""
     return Path(os.environ.get("DRRL_CACHE_DIR", Path.home() / ".cache" / "drrl"))
+
+
+def check_out_dir(out: Path) -> None:
+    """``out`` must be a folder or creatable as one, and writable; nothing is created here."""
+    from drrl.errors import DrrlError
+
+    if out.exists() and not out.is_dir():
+        raise DrrlError(f"--out {out} is a file; choose a folder")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise DrrlError(f"cannot write to {base} (for --out {out}); choose a writable folder")

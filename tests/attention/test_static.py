@@ -46,17 +46,47 @@ def test_uncalibrated_and_bad_rank_are_clear_errors():
             StaticRankAttention(32, 2, rank=bad)
 
 
-def test_bidirectional_drrl_computes_calibration_statistics_once_per_length():
+def test_bidirectional_drrl_computes_calibration_statistics_once_per_calibration():
     m = DynamicLowRankAttention(32, 2, causal=False, basis="calibrated", controller="energy", tau=0.9).double()
     q, k, v = _qkv()
     with calibrating(m):
         m.attend(q, k, v)
     first = m.attend(q, k, v)
     st1 = m.pop_stats(with_flops=True)
-    again = m.attend(*_qkv(seed=5))
+    again = m.attend(*(x[:, :, :25] for x in _qkv(seed=5)))  # another batch, another length: no new statistics
     st2 = m.pop_stats(with_flops=True)
-    assert st1["flops"]["stats"] > 0 and "stats" not in st2["flops"]  # counted once, when computed
-    assert m.last_plan.ranks == [int(st1["mean_rank"])] and first.shape == again.shape
+    assert st1["flops"]["calibration"] > 0 and "calibration" not in st2["flops"]  # a one-time cost
+    assert "stats" not in st1["flops"]  # nothing is measured per call
+    assert m.last_plan.ranks == [int(st1["mean_rank"])] and first.shape[2] == 40 and again.shape[2] == 25
     m.load_state_dict(m.state_dict())  # new maps invalidate the cache
     m.attend(q, k, v)
-    assert m.pop_stats(with_flops=True)["flops"]["stats"] > 0
+    assert m.pop_stats(with_flops=True)["flops"]["calibration"] > 0
+
+
+@pytest.mark.parametrize("length", [7, 40, 300])
+def test_bidirectional_statistics_rescale_exactly_with_length(length):
+    """Energy is invariant to the Grams' token count and the bound grows linearly with it: the cached
+    statistics equal those computed directly on the calibration Grams rescaled to each length."""
+    m = DynamicLowRankAttention(32, 2, causal=False, basis="calibrated", controller="energy", guard_eps=0.5).double()
+    with calibrating(m):
+        m.attend(*_qkv())
+    gq, gk, gv = (g.unsqueeze(0) for g in m._calibration_grams(m.pq, length))
+    e_ref, b_ref = m._bucket_stats(gq, gk, gv, m.pq, m.pk)
+    e, b = m._calibration_stats(torch.float64, gq.device, True, length)
+    torch.testing.assert_close(e, e_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b, b_ref, rtol=1e-10, atol=1e-6)  # √(round-off) at full rank
+    assert b.max() > 0
+
+
+def test_bidirectional_batch_shares_one_plan_and_matches_rows():
+    """A bidirectional calibrated layer plans once per batch: outputs equal those of each row alone."""
+    m = DynamicLowRankAttention(
+        32, 2, causal=False, basis="calibrated", controller="energy", tau=0.3, bucket=4
+    ).double()
+    q, k, v = _qkv(B=3)
+    with calibrating(m):
+        m.attend(q, k, v)
+    out = m.attend(q, k, v)
+    assert len(m.last_plans) == 1 and m.last_plan.ranks[0] < 16  # one decision, below full rank
+    rows = torch.cat([m.attend(q[b : b + 1], k[b : b + 1], v[b : b + 1]) for b in range(3)])
+    torch.testing.assert_close(out, rows, rtol=0, atol=1e-12)

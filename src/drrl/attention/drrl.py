@@ -166,7 +166,8 @@ class DynamicLowRankAttention(Attention):
         d_model, n_head, causal, bias: as :class:`~drrl.attention.base.Attention`.
         r_max: width of the per-head bases (default d_head); ranks never exceed it.
         bucket: ranks are multiples of ``bucket`` up to r_max (r_max itself is always a bucket).
-        segment: tokens per rank decision T (causal mode; a non-causal encoder makes one decision).
+        segment: tokens per rank decision T (causal mode; a non-causal encoder makes one decision per batch:
+            its statistics are the calibration's, the same for every sequence of a length).
         basis: ``"online"`` (prefix statistics, causal only) or ``"calibrated"``.
         controller: ``"energy"`` (smallest bucket keeping ≥ ``tau`` of the score energy), ``"fixed"``
             (``rank``), ``"random"`` (``seed``), ``"rl"`` (a learned policy the model installs, shared by
@@ -258,7 +259,7 @@ class DynamicLowRankAttention(Attention):
         self.register_buffer("z", eye.clone())  # running online basis, the warm start of the next call
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards (random streams)
         self._calibrating = False
-        self._static_stats: dict = {}  # bidirectional: statistics of the calibration Grams, by sequence length
+        self._static_stats: dict = {}  # bidirectional: statistics of the calibration Grams (_calibration_stats)
         self.last_plan: Plan | None = None
         self._totals: Counter = Counter()
 
@@ -376,6 +377,21 @@ class DynamicLowRankAttention(Attention):
         bound = (err.sqrt() / (2 * math.sqrt(self.d_head)) * ratio).amax(1)
         return energy, bound
 
+    def _calibration_stats(self, sdt, device, with_bound: bool, length: int):
+        """Kept energy and bound of the calibrated maps on the calibration Grams rescaled to ``length`` tokens
+        (what a bidirectional layer decides on). The Grams scale with the token count c: the kept energy is
+        invariant and the bound (√err · √(λ/tr)) grows as c, so they are computed once per calibration (a
+        calibration cost, like the Grams; counted in ``flops:calibration`` when computed) and rescaled."""
+        key = (sdt, device, with_bound)
+        if key not in self._static_stats:
+            grams = [g.to(device, sdt).unsqueeze(0) for g in (self.cal_gq, self.cal_gk, self.cal_gv)]
+            e, b = self._bucket_stats(grams[0], grams[1], grams[2] if with_bound else None,
+                                      self.pq.to(sdt), self.pk.to(sdt))  # fmt: skip
+            self._totals["flops:calibration"] += self.n_kv_head * self._stats_flops(with_bound)
+            self._static_stats[key] = (e, b)
+        e, b = self._static_stats[key]
+        return e, None if b is None else b * (length / self.cal_tokens.item())
+
     @torch.no_grad()
     def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0) -> Plan:
         """Decide bases and ranks for every segment of one sequence's post-RoPE q, k, v, each (1, H, L, d).
@@ -424,6 +440,7 @@ class DynamicLowRankAttention(Attention):
             return Plan(ranks, [_Block(0, n_seg, cal_maps)], stats=stats)
         if not self.causal:
             gq, gk, gv = (g.unsqueeze(0) for g in self._calibration_grams(self.pq.to(sdt), L))
+            gv = gv if self.needs_bound else None
         else:
             gq = self._group_sum(self._segment_grams(q.detach().to(sdt), n_seg))
             gk = self._segment_grams(k.detach().to(sdt), n_seg)
@@ -446,7 +463,14 @@ class DynamicLowRankAttention(Attention):
             [
                 (gq.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
                 (gk.diagonal(dim1=-2, dim2=-1).sum(-1).mean(-1) / ntok).log1p(),
-                (torch.arange(n_seg, device=q.device, dtype=sdt) * T).log1p() / 10,  # never the sequence length
+                # a causal segment's start, never the sequence length; a bidirectional layer sees the whole
+                # sequence, so its one decision may know the length (its only per-input statistic)
+                (
+                    torch.arange(n_seg, device=q.device, dtype=sdt) * T
+                    if self.causal
+                    else torch.full((1,), float(L), device=q.device, dtype=sdt)
+                ).log1p()
+                / 10,
             ],
             -1,
         ).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
@@ -514,17 +538,11 @@ class DynamicLowRankAttention(Attention):
         # statistics of the executed maps, batched per basis version
         for s, t in _runs(seg_maps, new_version):
             if seg_maps[s] is not None and need_stats and not stats_done[s]:
-                # a bidirectional layer reads only calibration statistics: the same for every sequence of a
-                # length, so they are computed once per (length, precision, bound) and reused (counted once)
-                key = (L, sdt, q.device, gv is not None) if not self.causal else None
-                hit = self._static_stats.get(key) if key is not None else None
-                if hit is None:
+                if self.causal:
                     e, b = self._bucket_stats(gq[s:t], gk[s:t], None if gv is None else gv[s:t], *seg_maps[s])
                     fc["stats"] += (t - s) * self.n_kv_head * self._stats_flops(b is not None)
-                    if key is not None:
-                        self._static_stats[key] = (e, b)
                 else:
-                    e, b = hit
+                    e, b = self._calibration_stats(sdt, q.device, gv is not None, L)
                 energy[s:t] = e
                 if b is not None:
                     bound[s:t] = b
@@ -576,10 +594,14 @@ class DynamicLowRankAttention(Attention):
                 q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
             )
         B, H, L, d = q.shape
-        need_stats = self.needs_stats
-        if self.basis == "calibrated" and not need_stats:  # the plan reads no data: one for the whole batch
+        if self.basis == "calibrated" and (not self.needs_stats or not self.causal):
+            # the plan reads no token of the batch (a fixed rank, or a bidirectional layer, whose statistics are
+            # those of the calibration Grams at this length): one plan, one decision per segment, for every row;
+            # a learning controller gets one episode per batch, rewarded on the whole batch's fidelity
             plans = [self.plan(q[:1], k[:1], v[:1])]
             out = self._execute(q, k, v, plans[0], scale)
+            if getattr(self.controller, "wants_reward", False):
+                self._reward(plans[0], q, k, v, out, 0, scale)
         else:  # bases, statistics and ranks per sequence: row b never sees another row's tokens
             plans, outs = [], []
             for b in range(B):
@@ -651,7 +673,8 @@ class DynamicLowRankAttention(Attention):
             bound = plan.stats.bound[s, buckets.index(r) if r in buckets else -1]
             # scale-free in [0, 1]: rows of A and Ã are distributions, so ‖A − Ã‖_F ≤ √(2·rows) on the prefix the
             # bound is measured on; raw bounds grow with the prefix and with the logits' scale and would swamp α, β
-            rows = self.group * max(s * T, min(T, L)) * B  # a GQA bound covers the group's stacked rows
+            # the bound is measured on one sequence's statistics (a GQA bound covers the group's stacked rows)
+            rows = self.group * max(s * T, min(T, L))
             bound = (bound / math.sqrt(2 * rows)).clamp(max=1.0)
             cost = cost_ratio(r, d, s * T, min(T, L - s * T), self.causal)
             rewards.append(float(reward(fidelity[s], torch.tensor(cost), bound.cpu(), cfg)))

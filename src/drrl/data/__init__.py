@@ -3,7 +3,7 @@
 from drrl.data.corpora import SPLITS, TEST_PLAYS, VALIDATION_PLAYS, Corpus, get_corpus
 from drrl.data.sentiment import SentenceDataset, load_sentences
 from drrl.data.tokenizer import GPT2Tokenizer, HFTokenizer, Tokenizer, get_tokenizer
-from drrl.data.tokens import Window, eval_windows, load_tokens, sample_batch
+from drrl.data.tokens import Window, eval_windows, load_tokens, sample_batch, spread_windows
 
 __all__ = [
     "SPLITS",
@@ -21,4 +21,5 @@ __all__ = [
     "load_sentences",
     "load_tokens",
     "sample_batch",
+    "spread_windows",
 ]

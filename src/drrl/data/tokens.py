@@ -141,3 +141,15 @@ def eval_windows(n_tokens: int, context: int, stride: int | None = None) -> list
         if begin + 1 >= n_tokens:
             break
     return windows
+
+
+def spread_windows(tokens: np.ndarray, n: int, length: int, offset_frac: float = 0.0) -> list[torch.Tensor]:
+    """``n`` windows of ``length`` tokens evenly spread over ``tokens`` (shifted by a fraction of a stride)."""
+    if len(tokens) < length:
+        raise DataError(
+            f"the corpus split has {len(tokens)} tokens, fewer than one window of {length}; lower --context"
+        )
+    span = len(tokens) - length
+    stride = span / max(n, 1)
+    starts = [min(int(i * stride + offset_frac * stride), span) for i in range(n)]
+    return [torch.from_numpy(np.asarray(tokens[s : s + length], dtype=np.int64)) for s in starts]

@@ -29,6 +29,8 @@ from drrl.attention import build_attention
 from drrl.config import require
 from drrl.errors import DrrlError
 from drrl.models.gpt import validate_attention
+from drrl.rl.controllers import RLController
+from drrl.rl.policy import RankPolicy
 from drrl.utils import package_dir
 
 
@@ -89,6 +91,13 @@ class EncoderClassifier(nn.Module):
             layer.attn.layer_idx = i
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         self.apply(self._init)
+        self.rank_controller = None
+        if cfg.attention == "drrl" and cfg.attention_kwargs.get("controller") == "rl":
+            # one rank policy shared by the layers, as in drrl.models.GPT (trained by drrl.classify with PPO)
+            nb = len(self.layers[0].attn.buckets)
+            self.rank_controller = RLController(RankPolicy(RLController.n_features(nb), nb, cfg.n_layer))
+            for layer in self.layers:
+                layer.attn.set_controller(self.rank_controller)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -96,6 +105,10 @@ class EncoderClassifier(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    def attention_stats(self) -> list[dict]:
+        """Per-layer statistics of attentions that keep them (drrl's mean executed rank), since the last call."""
+        return [layer.attn.pop_stats() if hasattr(layer.attn, "pop_stats") else {} for layer in self.layers]
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         B, L = ids.shape

@@ -1,0 +1,294 @@
+"""Adapted linear layers: RaNA rank adapters (alone or sharing one basis across q/k/v), weight-norm neuron
+masking, CATS-style gated neuron adapters, static low-rank factors. Each counts what it executes
+(``tokens``, ``active``) so effective FLOPs are measured on whatever data runs through it.
+
+Shapes: inputs (..., d_in) -> outputs (..., d_out), like ``nn.Linear``. Masks are computed without
+gradient (a frozen τ: recovery fine-tuning trains the kept components only, as RaNA does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drrl.linalg.rana import adapter_flops
+
+
+def _gather_sum(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Σ_i w_i · rows[idx_i] (+ bias) without materialising the gathered rows: ``embedding_bag`` reads each
+    active row once (index_select + matmul would copy them first, tripling the memory traffic)."""
+    if idx.numel() == 0:  # nothing active (embedding_bag needs at least one index per bag)
+        y = rows.new_zeros(rows.shape[1])
+    else:
+        y = F.embedding_bag(idx[None], rows, per_sample_weights=w[None].to(rows.dtype), mode="sum")[0]
+    return y if bias is None else y + bias
+
+
+class _Counted(nn.Module):
+    """Counters of executed work since the last :meth:`reset_counts` (host floats, not state)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.active = 0, 0.0
+
+    def reset_counts(self) -> None:
+        self.tokens, self.active = 0, 0.0
+
+    @property
+    def mean_active(self) -> float:
+        return self.active / max(self.tokens, 1)
+
+
+class RankAdapter(_Counted):
+    """y = A (m ⊙ B x) + bias with m_i = [(B x)_i² ≥ τ] (RaNA). τ = 0 keeps every component: a static
+    low-rank factorisation (the SVD baseline).
+
+    Args:
+        a: (d_out, n_b) basis (orthonormal columns when built by :func:`drrl.linalg.rana.data_aware_basis`).
+        b: (n_b, d_in) coordinates map, B = Aᵀ W.
+        tau: mask threshold on the squared coordinates.
+        bias: (d_out,) or None.
+
+    At batch 1 and one token in eval mode with ``fast=True`` only the active rows of Aᵀ are read
+    (index_select then a small matmul): the memory-bound decode path.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, tau: float, bias: torch.Tensor | None = None):
+        super().__init__()
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"a (d_out, n_b) and b (n_b, d_in) disagree on n_b: {tuple(a.shape)}, {tuple(b.shape)}")
+        self.a = nn.Parameter(a.detach().clone())
+        self.b = nn.Parameter(b.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32, device=b.device))
+        self.fast, self._static = False, False
+        self._a_t: torch.Tensor | None = None  # Aᵀ contiguous (n_b, d_out), built by prepare_decode()
+        self._a_key = None  # what _a_t was built from (rebuilt when A, τ, device or dtype change)
+
+    @property
+    def in_features(self) -> int:
+        return self.b.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def n_b(self) -> int:
+        return self.b.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, n_b={self.n_b}, tau={float(self.tau):.3g}"
+
+    def prepare_decode(self) -> None:
+        """Turn on the batch-1 decode path (Aᵀ is stored contiguously, rebuilt whenever A or τ change)."""
+        self.fast = True
+        self._decode_ready()
+
+    def _decode_ready(self) -> bool:
+        key = (self.a._version, self.a.device, self.a.dtype, self.tau._version, self.a.data_ptr())
+        if key != self._a_key:
+            self._a_t = self.a.detach().t().contiguous()
+            self._static = float(self.tau) <= 0
+            self._a_key = key
+        return True
+
+    def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = F.linear(x, self.b)
+        with torch.no_grad():
+            m = c.square() >= self.tau.to(c.dtype)
+        return c, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast and not self.training and self._decode_ready()
+        if fast and self._static:  # τ ≤ 0 keeps every component: two GEMMs
+            self.tokens += x.numel() // self.in_features
+            self.active += (x.numel() // self.in_features) * self.n_b
+            return F.linear(F.linear(x, self.b), self.a, self.bias)
+        c, m = self.coefficients(x)
+        self.tokens += c.numel() // self.n_b
+        if fast and c.numel() == self.n_b:
+            idx = m.reshape(-1).nonzero().squeeze(-1)
+            self.active += idx.numel()
+            return _gather_sum(idx, c.reshape(-1)[idx], self._a_t, self.bias).reshape(*x.shape[:-1], -1)
+        self.active += float(m.sum())
+        return F.linear(c * m, self.a, self.bias)
+
+    def flops_per_token(self) -> float:
+        """Measured: 2·d_in·n_B + 2·d_out·(mean active components) over the tokens since the last reset."""
+        return adapter_flops(self.in_features, self.out_features, self.n_b, self.mean_active)
+
+    def merged_weight(self) -> torch.Tensor:
+        """A B, the (d_out, d_in) weight of the adapter with every component active."""
+        return self.a @ self.b
+
+
+class SharedBasis(_Counted):
+    """One B and one mask for several outputs (q, k and v stacked, as RaNA's QKV adapter): each
+    :class:`SharedRankSlice` applies its rows of A to the same masked coordinates. The coordinates of the
+    last input are cached by identity, so q, k and v may be called in any order (the cache holds one
+    tensor reference and is replaced by the next input)."""
+
+    def __init__(self, b: torch.Tensor, tau: float, d_out: int):
+        super().__init__()
+        self.b = nn.Parameter(b.detach().clone())
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32, device=b.device))
+        self.d_out = d_out  # stacked output width (for FLOPs)
+        self._x: torch.Tensor | None = None
+        self._key: tuple | None = None
+        self._val: torch.Tensor | None = None
+
+    @property
+    def n_b(self) -> int:
+        return self.b.shape[0]
+
+    def masked(self, x: torch.Tensor) -> torch.Tensor:
+        # the same input object, unchanged in place, under the same grad mode and the same B: q, k and v of one
+        # call (in any order) share the coordinates; anything else recomputes them
+        key = (x._version, torch.is_grad_enabled(), self.b._version, self.tau._version)
+        if self._x is not x or self._key != key or self._val is None:
+            c = F.linear(x, self.b)
+            with torch.no_grad():
+                m = c.square() >= self.tau.to(c.dtype)
+            self.tokens += c.numel() // self.n_b
+            self.active += float(m.sum())
+            self._x, self._key, self._val = x, key, c * m
+        return self._val
+
+    def clear(self) -> None:
+        """Drop the cached input and coordinates (they are otherwise held until the next call)."""
+        self._x = self._key = self._val = None
+
+    def flops_per_token(self) -> float:
+        return adapter_flops(self.b.shape[1], self.d_out, self.n_b, self.mean_active)
+
+
+class SharedRankSlice(nn.Module):
+    """Rows [lo, hi) of a stacked adapter: y = A[lo:hi] (m ⊙ B x) + bias, with B and m from ``basis``."""
+
+    def __init__(self, basis: SharedBasis, a: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.basis = basis  # registered in each slice; parameters() deduplicates it
+        self.a = nn.Parameter(a.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def in_features(self) -> int:
+        return self.basis.b.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.a.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.basis.masked(x), self.a, self.bias)
+
+
+class NeuronMaskedLinear(_Counted):
+    """The down projection of an adapted MLP: keep input neuron j iff |h_j|·‖W[:, j]‖₂ ≥ τ (the norm of its
+    output contribution), y = W (m ⊙ h) + bias. FLOPs per token 2·d_out·(active neurons)."""
+
+    def __init__(self, weight: torch.Tensor, tau: float, bias: torch.Tensor | None = None, *, weight_norm: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32, device=weight.device))
+        # weight_norm=False: |h_j| alone (the neuron adapter of a plain MLP, CATS's criterion)
+        norm = weight.detach().norm(dim=0) if weight_norm else torch.ones(weight.shape[1], device=weight.device)
+        self.register_buffer("col_norm", norm.float())
+        self.fast = False
+        self._w_t: torch.Tensor | None = None
+        self._w_key = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.in_features}, d_out={self.out_features}, tau={float(self.tau):.3g}"
+
+    def prepare_decode(self) -> None:
+        """Turn on the batch-1 decode path (Wᵀ stored contiguously, rebuilt whenever W changes)."""
+        self.fast = True
+        self._decode_ready()
+
+    def _decode_ready(self) -> bool:
+        key = (self.weight._version, self.weight.device, self.weight.dtype, self.weight.data_ptr())
+        if key != self._w_key:
+            self._w_t, self._w_key = self.weight.detach().t().contiguous(), key
+        return True
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return h.detach().abs() * self.col_norm.to(h.dtype)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            m = self.scores(h) >= self.tau.to(h.dtype)
+        self.tokens += h.numel() // self.in_features
+        if self.fast and not self.training and h.numel() == self.in_features and self._decode_ready():
+            idx = m.reshape(-1).nonzero().squeeze(-1)
+            self.active += idx.numel()
+            return _gather_sum(idx, h.reshape(-1)[idx], self._w_t, self.bias).reshape(*h.shape[:-1], -1)
+        self.active += float(m.sum())
+        return F.linear(h * m, self.weight, self.bias)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.out_features * self.mean_active
+
+
+class NeuronAdapterMLP(_Counted):
+    """Neuron adapter (CATS for gated MLPs, Lee et al. 2024): the activation a = act(W_gate x) is computed
+    densely and thresholded, |a_j| ≥ t; only active rows of W_up and columns of W_down run:
+    y = W_down ((m ⊙ a) ⊙ W_up x). Without ``up`` (a plain MLP: y = W_out act(W_fc x)) the same mask acts
+    on the output projection's columns. FLOPs per token: 2·d·d_ff (dense gate/fc) + 2·d·k per masked
+    matrix, k the active neurons."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear | None, down: nn.Linear, act, t: float):
+        super().__init__()
+        self.gate, self.up, self.down, self.act = gate, up, down, act
+        self.register_buffer("t", torch.tensor(float(t), dtype=torch.float32, device=gate.weight.device))
+        self.fast = False
+        self._down_t: torch.Tensor | None = None
+        self._down_key = None
+
+    def prepare_decode(self) -> None:
+        """Turn on the batch-1 decode path: active rows of W_up, active columns of W_down (W_downᵀ stored
+        contiguously, rebuilt whenever W_down changes)."""
+        self.fast = True
+        self._decode_ready()
+
+    def _decode_ready(self) -> bool:
+        w = self.down.weight
+        key = (w._version, w.device, w.dtype, w.data_ptr())
+        if key != self._down_key:
+            self._down_t, self._down_key = w.detach().t().contiguous(), key
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.gate(x))
+        with torch.no_grad():
+            m = a.abs() >= self.t.to(a.dtype)
+        self.tokens += a.numel() // a.shape[-1]
+        if self.fast and not self.training and x.numel() == x.shape[-1] and self._decode_ready():
+            idx = m.reshape(-1).nonzero().squeeze(-1)
+            self.active += idx.numel()
+            h = a.reshape(-1)[idx]
+            if self.up is not None:  # active rows of W_up (a gathered GEMV; the copy is the CPU's best option)
+                u = self.up.weight.index_select(0, idx) @ x.reshape(-1)
+                h = h * (u if self.up.bias is None else u + self.up.bias[idx])
+            return _gather_sum(idx, h, self._down_t, self.down.bias).reshape(*x.shape[:-1], -1)
+        self.active += float(m.sum())
+        h = a * m
+        if self.up is not None:
+            h = h * self.up(x)  # an up row whose gate is masked contributes nothing: counted as skipped
+        return self.down(h)
+
+    def flops_per_token(self) -> float:
+        d_in, d_ff, d_out = self.gate.in_features, self.gate.out_features, self.down.out_features
+        masked = (d_in if self.up is not None else 0) + d_out
+        return 2.0 * d_in * d_ff + 2.0 * masked * self.mean_active
