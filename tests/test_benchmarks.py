@@ -28,3 +28,18 @@ def test_attention_benchmark_writes_its_schema(tmp_path, capsys):
     assert {(r["L"], r["rank"]) for r in data["decode"]} == {(512, 16), (512, 32)}
     assert all({"L", "rank", "d", "speedup_vs_sdpa", "bytes_limit"} <= r.keys() for r in data["decode"])
     assert "prefill L=" in capsys.readouterr().out
+
+
+def test_deltanet_decode_benchmark_writes_its_schema(tmp_path, capsys):
+    bench = load_script("deltanet_decode")
+    cfg = tmp_path / "dn.yaml"
+    cfg.write_text(
+        "model: {kind: deltanet, n_layer: 1, n_head: 2, d_model: 32, context: 32, vocab_size: 128,\n"
+        "        deltanet: {head_k_dim: 8, head_v_dim: 8}}\n"
+    )
+    out = tmp_path / "d.json"
+    bench.main(["--config", str(cfg), "--batches", "2", "--ratios", "0.5", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["removed"], r["d_keep"]) for r in rows] == [(0.0, 8), (0.5, 4)]
+    assert rows[0]["mixers_speedup"] == 1.0 and rows[1]["mixers_us"] > 0 and rows[1]["model_speedup"] > 0
+    assert "| 2 | 50% | 4 |" in capsys.readouterr().out

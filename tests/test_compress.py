@@ -76,6 +76,30 @@ def test_compress_cli_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsy
         _cfg(text_corpus, targets="attention")
 
 
+def test_compress_lora_recovery(tiny_model_dir, text_corpus, tmp_path):
+    cfg = _cfg(text_corpus, model=tiny_model_dir, methods=["rana", "svd"], flops_ratios=[0.6], recover_steps=3,
+               recover_lr=1e-2, targets="mlp")  # fmt: skip
+    rep = run_compress(cfg, tmp_path, quiet=True)
+    rows = {r["method"]: r for r in rep["rows"]}
+    for m in ("rana", "svd"):
+        r = rows[m]
+        assert r["recovery_targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]  # the layers left dense
+        assert r["ppl_recovered"] > 1 and r["ppl_recovered"] != r["ppl"]
+        assert r["ppl_ratio_recovered"] == pytest.approx(r["ppl_recovered"] / rows["dense"]["ppl"])
+    assert "after LoRA recovery" in (tmp_path / "report.md").read_text()
+    # the saved model is the recovered one: it reloads and reproduces the recovered perplexity
+    from drrl.compress import perplexity
+    from drrl.data import get_tokenizer, load_tokens, spread_windows
+    from drrl.integrations.hf import load_causal_lm
+
+    base, path = load_causal_lm(tiny_model_dir)
+    model = load_adapted(base, rows["rana"]["saved"])
+    w = spread_windows(load_tokens(text_corpus, "test", get_tokenizer("hf:" + path)), 2, 65)
+    assert perplexity(model, w, torch.device("cpu")) == pytest.approx(rows["rana"]["ppl_recovered"], rel=1e-5)
+    with pytest.raises(ConfigError, match="causal LMs only"):
+        _cfg(text_corpus, model="minilm", recover_steps=2)
+
+
 @pytest.fixture(scope="module")
 def tiny_bert_and_sentences(tiny_bert_with_tokenizer, tmp_path_factory):
     words = "good great fine bad awful poor film plot actor scene music".split()

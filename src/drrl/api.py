@@ -9,7 +9,8 @@ from drrl.data.tokenizer import Tokenizer, check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens
 from drrl.errors import DataError
 from drrl.eval.perplexity import evaluate_lm
-from drrl.models.gpt import GPT
+from drrl.models.gpt import build_model
+from drrl.models.lm import CausalLM
 from drrl.train.checkpoint import Checkpoint, resolve_checkpoint
 from drrl.train.config import RunConfig
 from drrl.train.loop import train as _train
@@ -22,13 +23,13 @@ def fit(config: str | Path | RunConfig | None, out: str | Path, overrides: Seque
     return _train(cfg, out, **kwargs)
 
 
-def load(run_or_checkpoint: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, Checkpoint]:
+def load(run_or_checkpoint: str | Path, device: str = "cpu") -> tuple[CausalLM, Tokenizer, Checkpoint]:
     """Model (in eval mode), its tokenizer and the checkpoint record of a run or checkpoint folder."""
     ckpt = resolve_checkpoint(run_or_checkpoint)
     cfg = RunConfig.from_dict(ckpt.config)
     tok = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tok, cfg.model.vocab_size)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model)
     ckpt.load_model(model)
     return model.to(resolve_device(device)).eval(), tok, ckpt
 

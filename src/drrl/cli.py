@@ -14,6 +14,8 @@ EPILOG = """examples:
   drrl demo --out runs/demo                      # the main job: DR-RL vs heuristics on SmolLM2-135M
   drrl classify configs/rt-polarity-table.yaml --out runs/rt --set quick=true
   drrl compress --method all --flops-ratio 0.7,0.56,0.5 --out runs/compress
+  drrl train configs/shakespeare-deltanet-tiny.yaml --out runs/deltanet
+  drrl prune runs/deltanet --selector all --ratio 0.25,0.5,0.75 --out runs/prune
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --set train.max_steps=50
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --resume
   drrl eval runs/tiny --split test
@@ -171,11 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--calib-windows", type=_positive, default=16, help="calibration windows (default: 16)")
     cp.add_argument("--windows", type=_positive, default=8, help="evaluation windows (default: 8)")
     cp.add_argument("--no-save", action="store_true", help="do not write the adapted models")
+    cp.add_argument("--recover-steps", type=int, default=0,
+                    help="LoRA recovery steps (peft) on the layers each adapter leaves dense, then perplexity "
+                    "again (causal LMs; default: 0 = none)")  # fmt: skip
     cp.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     cp.add_argument("--out", default="runs/compress", help="output folder (default: runs/compress)")
     cp.add_argument("--quick", action="store_true",
                     help="a smoke run: context 128, 2 calibration and 2 evaluation windows (encoders: 64 sentences "
                     "each), small samples, 1 timing repeat")  # fmt: skip
+
+    pr = sub.add_parser(
+        "prune",
+        parents=[quiet],
+        help="prune the query/key channels of a trained DeltaNet run (state reduction) and report",
+        description="Keep d' = floor(d_k (1 - R)) query/key channels per head in every DeltaNet layer of a run "
+        "trained with model.kind=deltanet, chosen by a selector (random, l1, wanda, taylor, pca = the rotation "
+        "baseline, drrqr = strong rank-revealing QR of q/k activations), calibrated on the train split of "
+        "--calibration. Measures held-out perplexity, state bytes, the recurrent decode step's time and the "
+        "states' rank utilisation, optionally after LoRA recovery; writes DIR/report.json, DIR/report.md, "
+        "DIR/utilisation.png and the pruned models (DIR/models/SELECTOR-R, readable by `drrl eval`).",
+    )
+    pr.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a DeltaNet run folder or a step_* folder")
+    pr.add_argument("--ratio", type=_floats, default=(0.5,),
+                    help="fraction(s) of q/k channels removed, e.g. 0.25,0.5,0.75 (default: 0.5)")  # fmt: skip
+    pr.add_argument("--selector", default="drrqr",
+                    help="random | l1 | wanda | taylor | pca | drrqr | all, or a comma list (default: drrqr)")  # fmt: skip
+    pr.add_argument("--calibration", help="corpus whose train split calibrates (default: the run's corpus)")
+    pr.add_argument("--split", default="test", choices=("validation", "test"), help="held-out split (default: test)")
+    pr.add_argument("--eval-tokens", type=int, default=65536, help="scored held-out tokens, 0 = all (default: 65536)")
+    pr.add_argument("--recover", action="store_true",
+                    help="also recover each pruned model: LoRA (r 32, alpha 64) on q/k/v, merged afterwards")  # fmt: skip
+    pr.add_argument("--recover-steps", type=_positive, default=100, help="recovery steps (default: 100)")
+    pr.add_argument("--kd-weight", type=float, default=0.0,
+                    help="weight of distillation from the unpruned model during recovery (default: 0)")  # fmt: skip
+    pr.add_argument("--decode-batch", type=_positive, default=32, help="sequences in the decode timing (default: 32)")
+    pr.add_argument("--repeats", type=_positive, default=5, help="interleaved timing repeats (default: 5)")
+    pr.add_argument("--no-save", action="store_true", help="do not write the pruned models")
+    pr.add_argument("--out", default="runs/prune", help="output folder (default: runs/prune)")
 
     sub.add_parser(
         "info",
@@ -262,6 +296,7 @@ def cmd_compress(args) -> int:
     kw = dict(methods=methods, flops_ratios=list(args.flops_ratio), model=args.model, targets=args.targets,
               calibration=args.calibration, corpus=args.corpus, context=args.context,
               calib_windows=args.calib_windows, eval_windows=args.windows, save=not args.no_save,
+              recover_steps=args.recover_steps,
               device=args.device)  # fmt: skip
     if args.quick:
         kw.update(context=128, calib_windows=2, eval_windows=2, calib_sentences=64, eval_sentences=64,
@@ -272,6 +307,25 @@ def cmd_compress(args) -> int:
     rep = run_compress(cfg, args.out, quiet=args.quiet)
     print(render_table(rep["rows"]), end="")
     print(f"{rep['seconds']:.0f} s; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from drrl.config import from_dict
+    from drrl.pruning import SELECTORS
+    from drrl.reduce import PruneConfig, report_markdown, run_prune
+
+    sels = list(SELECTORS) if args.selector == "all" else [x.strip() for x in args.selector.split(",") if x.strip()]
+    cfg = from_dict(
+        PruneConfig,
+        dict(selectors=sels, ratios=list(args.ratio), calibration=args.calibration, split=args.split,
+             eval_tokens=args.eval_tokens, recover=args.recover,
+             recovery={"steps": args.recover_steps, "kd_weight": args.kd_weight},
+             decode_batch=args.decode_batch, timing_repeats=args.repeats, save=not args.no_save),
+    )  # fmt: skip
+    rep = run_prune(args.path, cfg, args.out, progress=not args.quiet)
+    print(report_markdown(rep), end="")
+    print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -314,6 +368,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "classify": cmd_classify,
     "compress": cmd_compress,
+    "prune": cmd_prune,
     "train": cmd_train,
     "eval": cmd_eval,
     "data": cmd_data,

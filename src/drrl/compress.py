@@ -60,6 +60,8 @@ class CompressConfig:
     error_tokens: int = 512  # held-out tokens per layer for mlp_rel_error
     decode_tokens: int = 16  # held-out tokens per layer in the decode timing
     timing_repeats: int = 5
+    recover_steps: int = 0  # > 0: LoRA recovery (peft) of each adapted LM's remaining linear layers, then ppl again
+    recover_lr: float = 2.5e-4
     save: bool = True
     seed: int = 0
     device: str = "cpu"
@@ -79,6 +81,13 @@ class CompressConfig:
         for name in ("context", "calib_windows", "eval_windows", "calib_sentences", "eval_sentences", "sample_tokens",
                      "score_tokens", "error_tokens", "decode_tokens", "timing_repeats"):  # fmt: skip
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.recover_steps >= 0, "recover_steps", f"must be >= 0, got {self.recover_steps}")
+        require(self.recover_lr > 0, "recover_lr", f"must be > 0, got {self.recover_lr}")
+        require(
+            not (self.recover_steps and is_encoder(self.model)),
+            "recover_steps",
+            "applies to causal LMs only (recovery trains on next-token loss); drop it for encoders",
+        )
         try:
             resolve_device(self.device)
         except ConfigError as e:
@@ -274,6 +283,7 @@ def run_compress(cfg: CompressConfig, out: str | Path, quiet: bool = False) -> d
         evalw = spread_windows(load_tokens(cfg.corpus, "test", tok), cfg.eval_windows, L)
         probes = mlp_probes(dense, evalw[0][None, :-1].to(device), cfg.error_tokens)
         dense_ppl = perplexity(dense, evalw, device)
+        rec_tokens = load_tokens(cfg.calibration, "train", tok) if cfg.recover_steps else None
 
         def quality(model) -> dict:
             ppl = perplexity(model, evalw, device)
@@ -304,6 +314,8 @@ def run_compress(cfg: CompressConfig, out: str | Path, quiet: bool = False) -> d
             **q, "decode_speedup": dec["speedup"], "decode_dense_us": dec["dense_us"],
             "decode_adapted_us": dec["adapted_us"], "fit_seconds": fit_s, "targets": cfg.targets,
         }  # fmt: skip
+        if cfg.recover_steps:
+            row.update(recover(model, rec_tokens, cfg, quality))
         if cfg.save:
             row["saved"] = str(save_adapted(model, rep, out / "models" / f"{method}-{ratio:g}"))
         rows.append(row)
@@ -324,6 +336,21 @@ def run_compress(cfg: CompressConfig, out: str | Path, quiet: bool = False) -> d
     return report
 
 
+def recover(model: nn.Module, tokens, cfg: CompressConfig, quality) -> dict:
+    """LoRA recovery (``drrl.train.recovery``) of the linear layers an adapter left dense (attention output,
+    and q/k/v when only MLPs are adapted), on windows of the calibration corpus's train split; merged, so the
+    adapted layers and the FLOPs are unchanged. Returns the held-out quality after it, suffixed ``_recovered``."""
+    from drrl.train.recovery import RecoveryConfig, lora_recover, lora_targets
+
+    names = [n for n in lora_targets(model) if n.endswith("proj") or n in ("query", "key", "value", "dense")]
+    rc = RecoveryConfig(steps=cfg.recover_steps, batch_size=4, context=cfg.context, lr=cfg.recover_lr,
+                        lora_r=64, lora_alpha=16, targets=tuple(names), seed=cfg.seed)  # fmt: skip
+    stats = lora_recover(model, tokens, rc)
+    model.eval()
+    q = {f"{k}_recovered": v for k, v in quality(model).items()}
+    return {**q, "recovery_targets": names, "recovery_seconds": stats["seconds"]}
+
+
 def render_table(rows: list[dict]) -> str:
     lm = "ppl" in rows[0]
     quality = "perplexity | × dense" if lm else "embedding cosine to dense"
@@ -339,6 +366,18 @@ def render_table(rows: list[dict]) -> str:
             f"| {r['method']} | {r['flops_ratio']:.2f} | {100 * r['flops_reduction']:.1f}% "
             f"| {100 * r['mlp_rel_error']:.2f}% | {q} | {r['decode_speedup']:.2f}× |"
         )
+    recovered = [r for r in rows if "ppl_recovered" in r]
+    if recovered:  # LoRA recovery: perplexity before and after
+        lines += [
+            "",
+            "| method | kept FLOPs | perplexity | after LoRA recovery | × dense | LoRA on |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        lines += [
+            f"| {r['method']} | {r['flops_ratio']:.2f} | {r['ppl']:.3f} | {r['ppl_recovered']:.3f} "
+            f"| {r['ppl_ratio_recovered']:.3f} | {', '.join(r['recovery_targets'])} |"
+            for r in recovered
+        ]
     return head + "\n".join(lines) + "\n"
 
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from drrl.attention import RotaryEmbedding, available_attentions, build_attention, get_attention_class
-from drrl.config import FieldError, require
-from drrl.models.loss import linear_cross_entropy
+from drrl.config import FieldError, from_dict, require
+from drrl.models.deltanet import DeltaNetConfig, DeltaNetLM
+from drrl.models.lm import CausalLM
 from drrl.rl.controllers import RLController
 from drrl.rl.policy import RankPolicy
 
@@ -43,6 +44,10 @@ def validate_attention(name: str, kwargs: dict, d_model: int, n_head: int, causa
 
 @dataclass
 class GPTConfig:
+    """The ``model`` section: a transformer (``kind: gpt``, attention chosen by name) or a DeltaNet LM
+    (``kind: deltanet``, settings under ``deltanet``); sizes, vocabulary and context are shared."""
+
+    kind: Literal["gpt", "deltanet"] = "gpt"
     vocab_size: int = 50304  # GPT-2's 50,257 ids padded to a multiple of 64 (faster matmuls)
     context: int = 256  # maximum sequence length
     n_layer: int = 4
@@ -54,6 +59,7 @@ class GPTConfig:
     rope_base: float = 10000.0
     attention: str = "full"  # any name in drrl.attention.available_attentions()
     attention_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the attention constructor
+    deltanet: DeltaNetConfig = field(default_factory=DeltaNetConfig)  # kind: deltanet only
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -64,10 +70,20 @@ class GPTConfig:
             "n_head",
             f"must divide d_model ({self.d_model}), got {self.n_head}",
         )
-        d_head = self.d_model // self.n_head
-        require(d_head % 2 == 0, "n_head", f"must leave an even head dimension for RoPE, got d_head={d_head}")
+        require(self.kind in ("gpt", "deltanet"), "kind", f"must be gpt or deltanet, got {self.kind!r}")
+        if isinstance(self.deltanet, dict):  # the Python API may pass the section as a dict
+            self.deltanet = from_dict(DeltaNetConfig, self.deltanet, prefix="deltanet.")
         require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.kind == "deltanet":
+            require(
+                self.attention == "full" and not self.attention_kwargs,
+                "attention",
+                "applies to kind=gpt only; a DeltaNet model's token mixer is set under model.deltanet",
+            )
+            return
+        d_head = self.d_model // self.n_head
+        require(d_head % 2 == 0, "n_head", f"must leave an even head dimension for RoPE, got d_head={d_head}")
         require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
         validate_attention(self.attention, self.attention_kwargs, self.d_model, self.n_head, True, self.bias)
 
@@ -104,7 +120,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -143,10 +159,6 @@ class GPT(nn.Module):
         """Per-layer statistics of attentions that keep them (e.g. drrl's mean executed rank), since the last call."""
         return [b.attn.pop_stats() if hasattr(b.attn, "pop_stats") else {} for b in self.blocks]
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
-
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> final hidden states (B, L, d_model)."""
         L = idx.shape[1]
@@ -157,23 +169,9 @@ class GPT(nn.Module):
             x = block(x, self.rope)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx`` (B, L) int64 token ids, L ≤ ``cfg.context`` -> logits (B, L, vocab_size)."""
-        return self.lm_head(self.hidden(idx))
 
-    def nll(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed next-token negative log-likelihood (fp32 or wider) over ``targets`` (B, L) != -100."""
-        h, t = self.hidden(idx).flatten(0, 1), targets.flatten()
-        if (
-            h.device.type == "cpu"
-            and h.dtype in (torch.float32, torch.float64)
-            and not torch.is_autocast_enabled("cpu")
-        ):
-            return linear_cross_entropy(h, self.lm_head.weight, t)  # no (N, V) logits: see models/loss.py
-        logits = self.lm_head(h)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits -> fp32 loss
-        return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over ``targets`` (B, L) != -100."""
-        return self.nll(idx, targets) / (targets != -100).sum().clamp(min=1)
+def build_model(cfg: GPTConfig) -> CausalLM:
+    """The language model ``cfg.kind`` names: :class:`GPT` or :class:`~drrl.models.deltanet.DeltaNetLM`."""
+    if cfg.kind == "deltanet":
+        return DeltaNetLM(cfg)
+    return GPT(cfg)

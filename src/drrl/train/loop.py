@@ -21,7 +21,7 @@ from drrl.data.tokenizer import check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens, sample_batch
 from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError
 from drrl.eval.perplexity import evaluate_lm
-from drrl.models.gpt import GPT
+from drrl.models.gpt import build_model
 from drrl.rl.policy import EpsilonSchedule
 from drrl.rl.ppo import PPO, PPOConfig
 from drrl.rl.reward import RewardConfig
@@ -155,7 +155,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     init = resolve_checkpoint(tc.init_from) if tc.init_from and ckpt is None else None
     torch.manual_seed(tc.seed)
-    model = GPT(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     rl, ppo, rl_stats = model.rank_controller, None, {}
     policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
     lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
