@@ -42,6 +42,7 @@ def test_calibrate_records_activations_rms_and_gradients(model_and_cal):
         assert c.tokens == 3 * 2 * 32 and c.sq_sum.shape == (32,) and bool((c.sq_sum > 0).all())
         assert c.gq.shape == layer.q_proj.weight.shape and c.gk.shape == layer.k_proj.weight.shape
         assert layer.q_proj.weight.grad is None  # calibration leaves no gradients behind
+    assert all(p.grad is None for p in m.parameters())  # and computes none for the other weights
     # the recorded gradients are those of the summed per-batch mean losses
     ref = copy.deepcopy(m)
     for b in _batches():

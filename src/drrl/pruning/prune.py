@@ -65,8 +65,10 @@ def calibrate(
     rows: int = 5000,
     seed: int = 0,
 ) -> list[LayerCalibration]:
-    """One pass of ``batches`` (each (B, T) token ids) through a drrl DeltaNet LM, recording what ``needs``
-    asks for per layer: ``acts`` (q/k activations, ≤ ``rows`` tokens), ``rms``, ``grads`` (LM loss)."""
+    """One pass of ``batches`` (each (B, T + 1) token ids: inputs and their next-token targets) through a drrl
+    DeltaNet LM, recording what ``needs`` asks for per layer: ``acts`` (q/k activations, ≤ ``rows`` tokens),
+    ``rms`` (of the mixer input) and ``grads`` (of the summed per-batch mean LM losses w.r.t. q_proj/k_proj;
+    no other parameter gets a gradient)."""
     layers = mixers(model)
     cal = [LayerCalibration() for _ in layers]
     n_tokens = sum(int(b[:, :-1].numel()) for b in batches)
@@ -103,11 +105,15 @@ def calibrate(
     want_grads = "grads" in needs
     was_training = model.training
     model.eval()
-    params = [p for m in layers for p in (m.q_proj.weight, m.k_proj.weight)]
+    params = list(model.parameters())
     flags = [p.requires_grad for p in params]
+    qk = {id(p) for m in layers for p in (m.q_proj.weight, m.k_proj.weight)}
+    old_grads = {id(p): p.grad for p in params if id(p) in qk}  # the caller's, put back afterwards
     try:
         for p in params:
-            p.requires_grad_(want_grads)
+            p.requires_grad_(want_grads and id(p) in qk)
+            if id(p) in qk:
+                p.grad = None
         for b in batches:
             x, y = b[:, :-1], b[:, 1:]
             with torch.set_grad_enabled(want_grads):
@@ -122,7 +128,8 @@ def calibrate(
         for c, m in zip(cal, layers, strict=True):
             c.gq, c.gk = m.q_proj.weight.grad.detach().clone(), m.k_proj.weight.grad.detach().clone()
     for p, flag in zip(params, flags, strict=True):
-        p.grad = None
+        if id(p) in qk:
+            p.grad = old_grads[id(p)]
         p.requires_grad_(flag)
     return cal
 

@@ -145,10 +145,12 @@ def lora_recover(model, tokens: np.ndarray, cfg: RecoveryConfig, *, teacher=None
         p.requires_grad_(True)
     merged.eval()
     n_trainable = sum(p.numel() for p in params)
-    log.info("recovery: %d steps, loss %.4f -> %.4f, %d LoRA parameters", cfg.steps, losses[0], losses[-1], n_trainable)
+    last = float(np.mean(losses[-10:]))
+    log.info("recovery: %d steps, loss %.4f -> %.4f (last 10 steps), %d LoRA parameters", cfg.steps, losses[0], last,
+             n_trainable)  # fmt: skip
     return {
         "loss_first": losses[0],
-        "loss_last": float(np.mean(losses[-10:])),
+        "loss_last": last,
         "seconds": time.perf_counter() - t0,
         "trainable": n_trainable,
     }
