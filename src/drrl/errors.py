@@ -25,3 +25,9 @@ class DataError(DrrlError):
 
 class CheckpointError(DrrlError):
     """A checkpoint is missing, truncated or corrupted."""
+
+
+class Interrupted(DrrlError):
+    """Training stopped on SIGTERM after writing a checkpoint of the last finished step."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a terminated process

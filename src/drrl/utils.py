@@ -36,6 +36,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def pickle_kind(path: str | os.PathLike) -> str | None:
+    """``"pickle"`` or ``"torch.save archive"`` when the file looks like one (such files can run code when
+    loaded, so drrl refuses them), else None. A safetensors file starts with an 8-byte little-endian
+    header length and then ``{``; a pickle with protocol 2+ starts with 0x80; torch.save writes a zip."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors (its header length may well start with the byte 0x80)
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "torch.save archive"
+    return None
+
+
 def sha256_bytes(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for p in parts:

@@ -160,6 +160,9 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     save_adapted(model, rep, tmp_path / "l")
     with pytest.raises(DrrlError, match="does not fit"):
         load_adapted(_gpt(), tmp_path / "l")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "l" / "model.safetensors")  # a pickle archive in disguise
+    with pytest.raises(DrrlError, match="never unpickles"):
+        load_adapted(_llama(), tmp_path / "l")
 
 
 def test_a_shared_cache_gives_the_same_adapters():

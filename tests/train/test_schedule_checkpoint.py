@@ -82,3 +82,49 @@ def test_corrupt_state_json_and_wrong_model(tmp_path):
         resolve_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         resolve_checkpoint(tmp_path / "checkpoints")
+
+
+class _Payload:
+    """Unpickling this would run os.system: the loader must refuse the file before any unpickling."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickled_payload_is_refused(tmp_path, writer, monkeypatch):
+    import pickle
+
+    from drrl.utils import sha256_file
+
+    cfg, model, opt = _model_and_opt()
+    path = save_checkpoint(tmp_path, 1, model, opt, {"config": cfg.to_dict()})
+    weights = path / "model.safetensors"
+    if writer == "pickle":
+        weights.write_bytes(pickle.dumps({"w": _Payload()}))
+    else:
+        torch.save({"w": torch.zeros(2)}, weights)
+    state = json.loads((path / "state.json").read_text())
+    state["files"]["model.safetensors"] = sha256_file(weights)  # even with a matching hash
+    (path / "state.json").write_text(json.dumps(state))
+    called = []
+    monkeypatch.setattr("os.system", lambda *a: called.append(a))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        resolve_checkpoint(path)
+    assert not called
+
+
+def test_pickle_sniffing_never_flags_a_safetensors_file(tmp_path):
+    """A safetensors file starts with its header length: 256 lengths cover a first byte of 0x80 too."""
+    from safetensors.torch import save_file
+
+    from drrl.utils import pickle_kind
+
+    lengths = set()
+    for n in range(1, 300):
+        save_file({"x" * n: torch.zeros(1)}, tmp_path / "a.safetensors")
+        lengths.add((tmp_path / "a.safetensors").read_bytes()[0])
+        assert pickle_kind(tmp_path / "a.safetensors") is None, n
+    assert 0x80 in lengths

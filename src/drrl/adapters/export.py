@@ -20,6 +20,7 @@ from torch import nn
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedBasis, SharedRankSlice
 from drrl.adapters.rana import CompressionReport, _set_submodule
 from drrl.errors import DrrlError
+from drrl.utils import pickle_kind
 
 FORMAT = "drrl-adapters-v1"
 
@@ -79,6 +80,11 @@ def load_adapted(model: nn.Module, path: str | Path) -> nn.Module:
     if not meta_file.is_file() or not weights.is_file():
         raise DrrlError(
             f"{path} is not an adapted model (needs adapters.json and model.safetensors from drrl compress)"
+        )
+    if kind := pickle_kind(weights):
+        raise DrrlError(
+            f"{weights} is a {kind}, not safetensors; drrl never unpickles files (loading one can run arbitrary "
+            "code): save adapted models with drrl.adapters.export.save_adapted"
         )
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from drrl.errors import CheckpointError
-from drrl.utils import sha256_file
+from drrl.utils import pickle_kind, sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -168,6 +168,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         ) from None
     for name, digest in files.items():
         f = path / name
+        if f.is_file() and (kind := pickle_kind(f)):
+            raise CheckpointError(
+                f"{f} is a {kind}, not safetensors; drrl never unpickles files (loading one can run arbitrary "
+                "code): use a checkpoint written by drrl"
+            )
         if not f.is_file() or sha256_file(f) != digest:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or truncated ({name} fails its sha256 check); use an earlier checkpoint"

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from tqdm.auto import tqdm
 
 from drrl.data.tokenizer import check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens, sample_batch
-from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError
+from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError, Interrupted
 from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import build_model
 from drrl.rl.policy import EpsilonSchedule
@@ -122,6 +124,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(keep))
 
 
+def _catch_sigterm():
+    """Turn SIGTERM into a flag the loop checks after each step (it then checkpoints and stops), in the main
+    thread only. Returns the flag holder and a function that puts the previous handler back."""
+    holder = {"sig": None}
+    if threading.current_thread() is not threading.main_thread():
+        return holder, lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: holder.__setitem__("sig", signum))
+    return holder, lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` and evaluate it; returns the final evaluation dict.
 
@@ -217,80 +229,92 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             rl.train()  # ... while the policy explores and learns
 
     set_modes()
+    stop_signal, restore_signal = _catch_sigterm()
     steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
-    for step in range(start, tc.max_steps):
-        t_step = time.perf_counter()
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory.
-        xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, context, tc.seed, step)
-        loss_sum, episodes = 0.0, []
-        for x, y in zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True):
-            if rl is not None:
-                rl.begin()
-            with (
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-                torch.set_grad_enabled(tc.mode != "policy"),
-            ):
-                loss = model.loss(x.to(device), y.to(device)) / tc.grad_accum
+    try:
+        for step in range(start, tc.max_steps):
+            t_step = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory.
+            xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, context, tc.seed, step)
+            loss_sum, episodes = 0.0, []
+            for x, y in zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True):
+                if rl is not None:
+                    rl.begin()
+                with (
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                    torch.set_grad_enabled(tc.mode != "policy"),
+                ):
+                    loss = model.loss(x.to(device), y.to(device)) / tc.grad_accum
+                if tc.mode != "policy":
+                    loss.backward()
+                loss_sum += loss.item()
+                if rl is not None:
+                    episodes += rl.collect()
+            if not math.isfinite(loss_sum):
+                raise DrrlError(
+                    f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps"
+                )
+            grad_norm = None
             if tc.mode != "policy":
-                loss.backward()
-            loss_sum += loss.item()
-            if rl is not None:
-                episodes += rl.collect()
-        if not math.isfinite(loss_sum):
-            raise DrrlError(f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps")
-        grad_norm = None
-        if tc.mode != "policy":
-            grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, tc.grad_clip) if tc.grad_clip > 0 else None
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ppo is not None and episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
-            rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
-            rl_stats["epsilon"] = rl.epsilon(rl.updates)
-            rl.updates += 1
-        done = step + 1
-        dt = time.perf_counter() - t_step
-        steps_since, busy, busy_total = steps_since + 1, busy + dt, busy_total + dt
-        bar.update(1)
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            tps = steps_since * tokens_per_step / busy
-            rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            if rl_stats:
-                rec["rl"] = rl_stats
-            layer_stats = model.attention_stats()
-            if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
-                rec["attention"] = layer_stats
-            _append_metrics(metrics_path, rec)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
-            steps_since, busy = 0, 0.0
-        if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
-            r = evaluate(cfg.eval.periodic_max_tokens)
-            _append_metrics(
-                metrics_path, {"step": done, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]}
-            )
-            message = f"step {done}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['tokens']} tokens)"
-            if progress:
-                bar.write(message)
-            else:
-                log.info(message)
-        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps:
-            extra = {
-                "config": cfg.to_dict(),
-                "tokenizer": tok.name,
-                "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
-                "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step},
-            }
-            extra_optimizers = None
-            if ppo is not None:
-                extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
-                extra_optimizers = {"policy_optimizer": ppo.optimizer}
-            save_checkpoint(
-                out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers
-            )
+                grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, tc.grad_clip) if tc.grad_clip > 0 else None
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ppo is not None and episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
+                rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
+                rl_stats["epsilon"] = rl.epsilon(rl.updates)
+                rl.updates += 1
+            done = step + 1
+            dt = time.perf_counter() - t_step
+            steps_since, busy, busy_total = steps_since + 1, busy + dt, busy_total + dt
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                tps = steps_since * tokens_per_step / busy
+                rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
+                if grad_norm is not None:
+                    rec["grad_norm"] = float(grad_norm)
+                if rl_stats:
+                    rec["rl"] = rl_stats
+                layer_stats = model.attention_stats()
+                if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
+                    rec["attention"] = layer_stats
+                _append_metrics(metrics_path, rec)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
+                steps_since, busy = 0, 0.0
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
+                r = evaluate(cfg.eval.periodic_max_tokens)
+                _append_metrics(
+                    metrics_path, {"step": done, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]}
+                )
+                message = f"step {done}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['tokens']} tokens)"
+                if progress:
+                    bar.write(message)
+                else:
+                    log.info(message)
+            stopping = stop_signal["sig"] is not None and done < tc.max_steps
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps or stopping:
+                extra = {
+                    "config": cfg.to_dict(),
+                    "tokenizer": tok.name,
+                    "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
+                    "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step},
+                }
+                extra_optimizers = None
+                if ppo is not None:
+                    extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
+                    extra_optimizers = {"policy_optimizer": ppo.optimizer}
+                path = save_checkpoint(
+                    out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers
+                )
+                if stopping:
+                    bar.close()
+                    raise Interrupted(
+                        f"stopped by SIGTERM after step {done}; checkpoint written to {path}; continue with --resume"
+                    )
+    finally:
+        restore_signal()
     bar.close()
 
     result = evaluate(None)
