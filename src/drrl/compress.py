@@ -164,7 +164,7 @@ def _prepare_decode(model: nn.Module) -> None:
 @torch.no_grad()
 def decode_speedup(dense: nn.Module, adapted: nn.Module, probes: list[MLPProbe], n_tokens: int, repeats: int) -> dict:
     """Batch-1 one-token MLP time, dense over adapted, every layer, interleaved repeats (medians)."""
-    from torch.utils.benchmark import Timer
+    from drrl.eval.timing import interleaved_medians
 
     _prepare_decode(adapted)
     toks = [[p.x[i].view(1, 1, -1).contiguous() for i in range(min(n_tokens, len(p.x)))] for p in probes]
@@ -178,15 +178,10 @@ def decode_speedup(dense: nn.Module, adapted: nn.Module, probes: list[MLPProbe],
         return step
 
     fns = {"dense": run(dense), "adapted": run(adapted)}
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for k, fn in fns.items():  # interleaved: machine noise hits both
-            times[k].append(Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3).median)
+    med = interleaved_medians(fns, repeats, 0.3)
     reset_counts(adapted)
     n_calls = sum(len(xs) for xs in toks)
-    d, a = statistics.median(times["dense"]), statistics.median(times["adapted"])
+    d, a = med["dense"], med["adapted"]
     return {"dense_us": 1e6 * d / n_calls, "adapted_us": 1e6 * a / n_calls, "speedup": d / a}
 
 

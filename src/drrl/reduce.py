@@ -24,18 +24,17 @@ from __future__ import annotations
 import copy
 import logging
 import platform
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from drrl.config import require
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError
 from drrl.eval.perplexity import evaluate_lm
+from drrl.eval.timing import interleaved_medians
 from drrl.linear_attention.ops import state_rank_utilisation
 from drrl.pruning.prune import calibrate, mixers, prune_qk
 from drrl.pruning.selectors import SELECTORS
@@ -80,8 +79,6 @@ class PruneConfig:
 def decode_times(models: dict[str, torch.nn.Module], batch: int, repeats: int, seed: int = 0) -> dict[str, dict]:
     """Per-step seconds (medians of interleaved repeats) of every model's DeltaNet layers alone (``mixers``)
     and of a whole model step (``model``), for ``batch`` sequences decoding after a 16-token prompt."""
-    from torch.utils.benchmark import Timer
-
     g = torch.Generator().manual_seed(seed)
     any_model = next(iter(models.values()))
     prompt = torch.randint(0, any_model.cfg.vocab_size, (batch, 16), generator=g)
@@ -100,15 +97,9 @@ def decode_times(models: dict[str, torch.nn.Module], batch: int, repeats: int, s
             m.step(token, caches)
 
         fns[(name, "mixers")], fns[(name, "model")] = mixer_step, model_step
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():  # interleaved: machine noise hits every model alike
-            times[k].append(Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median)
     out: dict[str, dict] = {}
-    for (name, what), ts in times.items():
-        out.setdefault(name, {})[what] = statistics.median(ts)
+    for (name, what), t in interleaved_medians(fns, repeats, 0.2).items():
+        out.setdefault(name, {})[what] = t
     return out
 
 
@@ -126,12 +117,7 @@ def state_ranks(model, window: torch.Tensor) -> dict:
             h.remove()
     util, erank = [], []
     for layer in layers:
-        x = inputs[layer]
-        q = F.normalize(layer._heads(layer.q_conv1d(layer.q_proj(x)), layer.head_k_dim), dim=-1)
-        k = F.normalize(layer._heads(layer.k_conv1d(layer.k_proj(x)), layer.head_k_dim), dim=-1)
-        v = layer._heads(layer.v_conv1d(layer.v_proj(x)), layer.head_v_dim)
-        beta, gate = layer._beta_g(x)
-        u = state_rank_utilisation(q, k, v, beta.transpose(1, 2), None if gate is None else gate.transpose(1, 2))
+        u = state_rank_utilisation(*layer.delta_inputs(inputs[layer]))
         util.append(u["utilisation"][0].float().numpy())  # (H, T)
         erank.append(u["effective_rank"][0].float().numpy())
     util, erank = np.stack(util), np.stack(erank)

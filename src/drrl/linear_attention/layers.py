@@ -46,9 +46,13 @@ class ShortConvolution(nn.Conv1d):
         window = torch.cat([cache, x.unsqueeze(-1)], dim=-1)  # (B, C, K)
         return F.silu((window * self.weight.squeeze(1)).sum(-1)), window[..., 1:]
 
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Replace the kernels by ``weight`` (C', 1, K): the layer now has C' channels."""
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+        self.in_channels = self.out_channels = self.groups = weight.shape[0]
+
     def keep_channels(self, rows: torch.Tensor) -> None:
-        self.weight = nn.Parameter(self.weight.detach()[rows].clone())
-        self.in_channels = self.out_channels = self.groups = rows.numel()
+        self.set_weight(self.weight.detach()[rows])
 
 
 class DeltaNet(nn.Module):
@@ -127,17 +131,25 @@ class DeltaNet(nn.Module):
         return self.g_proj(x).unflatten(-1, (self.n_head, self.head_v_dim))
 
     # ------------------------------------------------------------------ training / prefill
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). With ``cache`` (an empty dict) it is filled for :meth:`step`."""
+    def _inputs(self, x: torch.Tensor):
+        """The projections (pre-convolution) and the delta rule's inputs q̂, k̂, v (B, H, T, ·), β, g (B, H, T)."""
         pq, pk, pv = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = F.normalize(self._heads(self.q_conv1d(pq), self.head_k_dim), dim=-1)
         k = F.normalize(self._heads(self.k_conv1d(pk), self.head_k_dim), dim=-1)
         v = self._heads(self.v_conv1d(pv), self.head_v_dim)
         beta, g = self._beta_g(x)
+        return (pq, pk, pv), (q, k, v, beta.transpose(1, 2), None if g is None else g.transpose(1, 2))
+
+    def delta_inputs(self, x: torch.Tensor) -> tuple:
+        """(q̂, k̂, v, β, g) that the delta rule receives for the input x (B, T, D), in the ops' layout."""
+        return self._inputs(x)[1]
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With ``cache`` (an empty dict) it is filled for :meth:`step`."""
+        (pq, pk, pv), (q, k, v, beta, g) = self._inputs(x)
         o, state = delta_rule_chunked(
-            q, k, v, beta.transpose(1, 2), None if g is None else g.transpose(1, 2),
-            scale=self.scale, chunk_size=self.chunk_size, output_final_state=cache is not None,
-        )  # fmt: skip
+            q, k, v, beta, g, scale=self.scale, chunk_size=self.chunk_size, output_final_state=cache is not None
+        )
         if cache is not None:
             cache.update(q=self.q_conv1d.tail(pq), k=self.k_conv1d.tail(pk), v=self.v_conv1d.tail(pv), state=state)
         return self._readout(o.transpose(1, 2), x)

@@ -150,9 +150,7 @@ def rotate_qk(layer: DeltaNet, t: torch.Tensor) -> None:
             new.weight = nn.Parameter(torch.einsum("hrd,hdj->hrj", t_, w).flatten(0, 1).contiguous())
             setattr(layer, name, new)
             kern = conv.weight.squeeze(1).unflatten(0, (n_head, d_k))  # (H, d_k, K)
-            mixed = torch.einsum("hrd,hdk->hrk", t_.square(), kern).flatten(0, 1).unsqueeze(1)
-            conv.weight = nn.Parameter(mixed.contiguous())
-            conv.in_channels = conv.out_channels = conv.groups = n_head * d_keep
+            conv.set_weight(torch.einsum("hrd,hdk->hrk", t_.square(), kern).flatten(0, 1).unsqueeze(1))
     layer.head_k_dim = d_keep
 
 
