@@ -227,6 +227,8 @@ def cmd_train(args) -> int:
     cfg = RunConfig.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     result = fit(cfg, out, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     tps = result["train_tokens_per_s"]
     speed = f"train {tps:,.0f} tok/s" if tps else "no training steps left"
     print(f"eval ({result['corpus']}/{result['split']}): loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "

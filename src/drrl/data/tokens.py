@@ -97,11 +97,19 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, context: int, seed: int, step: int, micro: int = 0
+    tokens: np.ndarray,
+    batch_size: int,
+    context: int,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random contiguous windows: inputs ``x`` and next-token targets ``y``, both (B, context) int64.
 
-    The windows depend only on ``(seed, step, micro)``."""
+    The windows depend only on ``(seed, step, micro)``. ``rows`` reads only that share of the batch (one
+    training process's shard): the same windows as ``sample_batch(...)[0][rows]``, without touching the
+    others' tokens."""
     if len(tokens) < context + 1:
         raise DataError(
             f"corpus split has {len(tokens)} tokens, fewer than context + 1 = {context + 1}; "
@@ -109,6 +117,8 @@ def sample_batch(
         )
     g = _generator(seed, step, micro)
     starts = torch.randint(0, len(tokens) - context, (batch_size,), generator=g).tolist()
+    if rows is not None:
+        starts = starts[rows]
     win = np.stack([np.asarray(tokens[s : s + context + 1], dtype=np.int64) for s in starts])
     win = torch.from_numpy(win)
     return win[:, :-1], win[:, 1:]

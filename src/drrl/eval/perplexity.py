@@ -64,15 +64,20 @@ def evaluate_lm(
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
     bf16: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict:
     """Mean next-token loss and perplexity; every target token is scored exactly once.
 
-    ``bf16`` runs the model under bf16 autocast (the loss is always summed in fp32).
+    ``bf16`` runs the model under bf16 autocast (the loss is always summed in fp32). ``shard=(rank, size)``
+    (data-parallel training, process group initialised) scores every ``size``-th window from ``rank`` on and
+    sums the losses over the processes: every process returns the result of the whole split.
     Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context", "stride"}``.
     """
     device = torch.device(device)
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
     windows = eval_windows(n, context, stride)
+    rank, size = shard
+    windows = windows[rank::size]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -99,6 +104,13 @@ def evaluate_lm(
             i = j
     finally:
         model.train(was_training)
+    if size > 1:
+        import torch.distributed as dist
+
+        sums = torch.tensor([total, count], dtype=torch.float64)
+        sums = sums.to(device) if dist.get_backend() == "nccl" else sums
+        dist.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
     mean = total / max(count, 1)
     return {
         "loss": mean,

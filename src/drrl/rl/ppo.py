@@ -4,6 +4,7 @@ of the ε-mixture it was sampled from."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,28 +58,41 @@ def _to(e: Episode, device: torch.device) -> Episode:
 
 
 class PPO:
-    """``update(episodes)`` runs ``epochs`` passes of the clipped objective over the episodes."""
+    """``update(episodes)`` runs ``epochs`` passes of the clipped objective over the episodes.
 
-    def __init__(self, policy: RankPolicy, cfg: PPOConfig | None = None):
-        self.policy, self.cfg = policy, cfg or PPOConfig()
+    ``comm`` (data-parallel training, :class:`drrl.train.distributed.Collectives`) makes the update that of the
+    union of every process's episodes: advantages are normalised with global statistics, the loss is divided
+    by the global number of decisions and gradients are summed across processes, so every process takes the
+    same step. Every process must then call ``update`` at the same steps, with or without episodes of its own.
+    """
+
+    def __init__(self, policy: RankPolicy, cfg: PPOConfig | None = None, comm=None):
+        self.policy, self.cfg, self.comm = policy, cfg or PPOConfig(), comm
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
     def update(self, episodes: list[Episode], scale: float = 1.0) -> dict:
         """One PPO update. ``scale`` (λ of the hybrid objective L_LM + λ·L_RL) multiplies the step size: Adam is
         invariant to the scale of the loss, so λ acts where it would with plain gradient descent."""
-        cfg = self.cfg
+        cfg, comm = self.cfg, self.comm
         device = next(self.policy.parameters()).device
         episodes = [_to(e, device) for e in episodes if len(e.actions)]
-        if not episodes:
-            return {}
         targets = [gae(e.rewards, e.values, cfg.discount, cfg.gae_lambda) for e in episodes]
-        all_adv = torch.cat([a for a, _ in targets])
-        mean, std = all_adv.mean(), all_adv.std() if len(all_adv) > 1 else torch.tensor(1.0)
+        all_adv = torch.cat([a for a, _ in targets]) if targets else torch.zeros(0, device=device)
+        if comm is None:
+            if not episodes:
+                return {}
+            n = len(all_adv)
+            mean, std = all_adv.mean(), all_adv.std() if n > 1 else torch.tensor(1.0)
+        else:
+            total, squares, n = comm.sum([all_adv.sum().item(), all_adv.square().sum().item(), len(all_adv)])
+            if n == 0:
+                return {}
+            mean = total / n
+            std = math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1)) if n > 1 else 1.0
         stats = {}
         for _ in range(cfg.epochs):
             pl = vl = ent = kl = clipped = 0.0
-            n = sum(len(e.actions) for e in episodes)
-            loss = 0.0
+            loss = None
             for e, (adv, ret) in zip(episodes, targets, strict=True):
                 adv = (adv - mean) / (std + 1e-8)
                 logits, values = self.policy(e.feats, e.layers, e.segments, e.prev, e.allowed)
@@ -86,10 +100,8 @@ class PPO:
                 ratio = (logp - e.logp).exp()
                 surr = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * adv)
                 h = entropy(logits)
-                loss = (
-                    loss
-                    + (-surr.sum() + cfg.value_coef * (values - ret).square().sum() - cfg.entropy_coef * h.sum()) / n
-                )
+                term = (-surr.sum() + cfg.value_coef * (values - ret).square().sum() - cfg.entropy_coef * h.sum()) / n
+                loss = term if loss is None else loss + term
                 pl, vl, ent = (
                     pl - surr.sum().item() / n,
                     vl + (values - ret).square().sum().item() / n,
@@ -98,12 +110,21 @@ class PPO:
                 kl += (e.logp - logp).sum().item() / n
                 clipped += ((ratio - 1).abs() > cfg.clip).sum().item() / n
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            if comm is not None:
+                comm.sum_gradients(self.policy.parameters())
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * scale
             self.optimizer.step()
             stats = {"policy_loss": pl, "value_loss": vl, "entropy": ent, "approx_kl": kl, "clip_fraction": clipped}
         self.optimizer.zero_grad(set_to_none=True)
-        stats["mean_reward"] = torch.cat([e.rewards for e in episodes]).mean().item()
+        rewards = torch.cat([e.rewards for e in episodes]) if episodes else torch.zeros(0)
+        if comm is None:
+            stats["mean_reward"] = rewards.mean().item()
+        else:
+            *sums, reward_sum = comm.sum([*stats.values(), rewards.sum().item()])
+            stats = dict(zip(stats, sums, strict=True))
+            stats["mean_reward"] = reward_sum / n
         return stats

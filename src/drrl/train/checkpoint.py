@@ -58,8 +58,9 @@ class Checkpoint:
                 f"unexpected {sorted(unexpected)[:3]}); check the config"
             )
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
-        """Restore ``optimizer`` (or the extra optimizer saved under ``name``, e.g. the policy's)."""
+    def optimizer_state_dict(self, name: str = "optimizer") -> dict:
+        """The saved state of ``optimizer`` (or of the extra optimizer saved under ``name``, e.g. the policy's),
+        keyed by parameter index like ``Optimizer.state_dict()``."""
         if f"{name}.safetensors" not in self.state["files"]:
             raise CheckpointError(f"checkpoint {self.path} has no {name}; it was written by a run without one")
         tensors = load_file(self.path / f"{name}.safetensors")
@@ -72,17 +73,27 @@ class Checkpoint:
             {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
             for g in saved["param_groups"]
         ]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        return {"state": state, "param_groups": groups}
 
-    def restore_rng(self) -> None:
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
+        """Restore ``optimizer`` (or the extra optimizer saved under ``name``)."""
+        optimizer.load_state_dict(self.optimizer_state_dict(name))
+
+    def restore_rng(self, rank: int = 0) -> bool:
+        """Restore the RNG state of training process ``rank`` (0 in a single-process run); False if the run
+        that wrote the checkpoint had no such process (it resumed with more processes)."""
         rng = load_file(self.path / "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
+        key = "torch" if rank == 0 else f"torch.rank{rank}"
+        if key not in rng:
+            return False
+        torch.set_rng_state(rng[key])
+        if rank == 0 and "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        return True
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, list]:
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for name, value in st.items():
@@ -95,13 +106,15 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict,
     extra: dict,
     keep: int = 2,
     extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_<step>`` atomically and keep the newest ``keep`` checkpoints.
-    ``extra_optimizers`` (e.g. ``{"policy_optimizer": ...}``) are saved beside the main one."""
+    ``optimizer`` may also be a state dict (an FSDP run's, gathered to one process). ``extra_optimizers`` (e.g. ``{"policy_optimizer": ...}``) are saved beside the main one; ``rng_states``
+    are the CPU RNG states of every training process of a distributed run (rank 0's first)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step_*.tmp-*"):  # left by a killed run
@@ -114,6 +127,8 @@ def save_checkpoint(
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
+        for r, state in enumerate(rng_states or []):
+            rng["torch" if r == 0 else f"torch.rank{r}"] = state
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))

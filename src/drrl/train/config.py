@@ -43,6 +43,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None = torch's default
     mode: Literal["lm", "hybrid", "policy"] = "lm"  # lm | hybrid (L_LM + λ·L_RL) | policy (LM frozen)
     init_from: str | None = None  # start from this run/checkpoint's weights (e.g. a trained LM for mode=policy)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp) the model
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):

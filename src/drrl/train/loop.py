@@ -13,8 +13,10 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
@@ -35,12 +37,28 @@ from drrl.train.checkpoint import (
     save_checkpoint,
 )
 from drrl.train.config import RunConfig
-from drrl.utils import resolve_device, use_bf16, write_json_atomic, write_text_atomic
+from drrl.train.distributed import (
+    Collectives,
+    World,
+    all_sum,
+    barrier,
+    broadcast_state,
+    check_in_sync,
+    gather_rng_states,
+    setup,
+    shard_rows,
+    teardown,
+    wrap,
+)
+from drrl.train.fsdp import clip_sharded, full_state, is_fsdp, load_optimizer_state
+from drrl.utils import use_bf16, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 # Settings that may change when a run is resumed; every other key fixes the trajectory.
-RESUMABLE_TRAIN_KEYS = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "threads"}
+RESUMABLE_TRAIN_KEYS = {
+    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "threads", "distributed",
+}  # fmt: skip
 
 
 def lr_at(step: int, cfg) -> float:
@@ -139,19 +157,45 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
 
     ``out`` receives ``metrics.jsonl``, ``checkpoints/step_*`` and ``eval.json``. With ``resume=True``
     the newest valid checkpoint in ``out`` is loaded and training continues exactly where it stopped
-    (bit for bit on the same kind of device; after a CPU <-> CUDA move only up to rounding).
-    """
-    out = Path(out)
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    (bit for bit on the same kind of device and number of processes; after a CPU <-> CUDA move, or with
+    another number of processes, only up to rounding).
 
-    # Everything that can fail on bad input happens before the output folder is touched.
+    Under ``torchrun`` every process calls this function: they share each step's batch and average their
+    gradients (see :mod:`drrl.train.distributed`); only rank 0 writes to ``out``.
+    """
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    world, device = setup(cfg.train.device)
+    try:
+        return _train(cfg, Path(out), world, device, resume=resume, progress=progress and world.is_main)
+    finally:
+        teardown(world)
+
+
+def _load_data(cfg: RunConfig, world: World):
+    """Tokenizer and token arrays; rank 0 tokenises (and caches) first, the others then read its cache."""
     tok = get_tokenizer(cfg.data.tokenizer)
     check_vocab(tok, cfg.model.vocab_size)
+    if not world.is_main:
+        barrier(world)
     train_tokens = load_tokens(cfg.data.corpus, "train", tok)
     val_tokens = load_tokens(cfg.eval.corpus or cfg.data.corpus, cfg.eval.split, tok)
+    if world.is_main:
+        barrier(world)
+    return tok, train_tokens, val_tokens
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    # Dropout streams of processes other than rank 0 (rank 0 keeps the single-process stream).
+    return int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
+
+
+def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, resume: bool, progress: bool) -> dict:
+    tc = cfg.train
+    # Everything that can fail on bad input happens before the output folder is touched.
+    global_rows = tc.batch_size * tc.grad_accum  # windows per optimizer step, over all processes
+    my_rows = shard_rows(global_rows, world)
+    tok, train_tokens, val_tokens = _load_data(cfg, world)
     context = cfg.model.context
     eval_context = cfg.eval.context or context
     for name, toks, need in (("train", train_tokens, context + 1), (cfg.eval.split, val_tokens, 2)):
@@ -173,37 +217,53 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
     if init is not None:
         load_weights(model, init)
-    optimizer = build_optimizer(model, tc, exclude=policy_ids)
     if rl is not None:  # the rank policy learns beside (hybrid) or instead of (policy) the language model
         rc = cfg.rl
         rl.reward_cfg = RewardConfig(rc.alpha, rc.beta, rc.gamma)
         rl.epsilon = EpsilonSchedule(rc.eps_start, rc.eps_end, rc.eps_decay_steps)
         rl.generator.manual_seed(tc.seed)
         ppo = PPO(
-            rl.policy, PPOConfig(rc.lr, rc.clip, rc.discount, rc.gae_lambda, rc.value_coef, rc.entropy_coef, rc.epochs)
+            rl.policy,
+            PPOConfig(rc.lr, rc.clip, rc.discount, rc.gae_lambda, rc.value_coef, rc.entropy_coef, rc.epochs),
+            comm=Collectives(world) if world.distributed else None,
         )
         if tc.mode == "policy":
             for p in lm_params:
                 p.requires_grad_(False)
-    prepare_out_dir(out)
+    if world.is_main:
+        prepare_out_dir(out)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         ckpt.load_model(model)
-        ckpt.load_optimizer(optimizer)
-        ckpt.restore_rng()
+        start = int(ckpt.state["data"]["next_step"])
+        if not ckpt.restore_rng(world.rank):
+            torch.manual_seed(_rank_seed(tc.seed, world.rank, start))
+        saved_world = int(ckpt.state.get("world_size", 1))
         if ppo is not None:
             ckpt.load_optimizer(ppo.optimizer, "policy_optimizer")
             rl.updates = int(ckpt.state["rl"]["updates"])
             rl.generator.set_state(torch.tensor(ckpt.state["rl"]["generator"], dtype=torch.uint8))
-        start = int(ckpt.state["data"]["next_step"])
-        _truncate_metrics(metrics_path, start)
+        if world.is_main:
+            _truncate_metrics(metrics_path, start)
         log.info("resumed from %s at step %d", ckpt.path, start)
+        if saved_world != world.size:
+            log.info("the checkpoint was written by %d processes, this run has %d", saved_world, world.size)
     else:
-        metrics_path.write_text("")
+        if world.rank:
+            torch.manual_seed(_rank_seed(tc.seed, world.rank, 0))
+        if world.is_main:
+            metrics_path.write_text("")
+    policy_names = [n for n, p in model.named_parameters() if id(p) in policy_ids]
+    step_module = wrap(model, world, device, tc.distributed, ignore=policy_names)
+    optimizer = build_optimizer(model, tc, exclude=policy_ids)  # after wrap: FSDP replaces the parameters
+    if ckpt is not None and is_fsdp(step_module):
+        load_optimizer_state(step_module, optimizer, ckpt.optimizer_state_dict())
+    elif ckpt is not None:
+        ckpt.load_optimizer(optimizer)
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * context
+    tokens_per_step = global_rows * context
     bf16 = use_bf16(tc.precision, device)
     log.info(
         "model: %.2fM parameters (%.2fM without embeddings), %s, %s",
@@ -214,10 +274,15 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
     )
     bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
 
+    # FSDP needs the forward to go through its root (which gathers the shards) and the same number of forwards
+    # on every process: each scores every window. DDP processes score every size-th window and sum.
+    sharded = is_fsdp(step_module)
+    eval_module, eval_shard = (step_module, (0, 1)) if sharded else (model, (world.rank, world.size))
+
     def evaluate(max_tokens: int | None) -> dict:
         result = evaluate_lm(
-            model, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
-            max_tokens=max_tokens, device=device, bf16=bf16,
+            eval_module, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
+            max_tokens=max_tokens, device=device, bf16=bf16, shard=eval_shard,
         )  # fmt: skip
         model.attention_stats()  # drop the evaluation's rank counters: the training log reports training steps
         set_modes()
@@ -237,32 +302,47 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory.
-            xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, context, tc.seed, step)
+            broadcast_state(model, rl.generator if rl is not None else None, world)
+            # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory;
+            # each process reads its share of the step's windows.
+            xs, ys = sample_batch(train_tokens, global_rows, context, tc.seed, step, rows=my_rows)
+            n_rows = len(xs)
             loss_sum, episodes = 0.0, []
-            for x, y in zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True):
+            micro = list(zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True))
+            for i, (x, y) in enumerate(micro):
                 if rl is not None:
                     rl.begin()
-                with (
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-                    torch.set_grad_enabled(tc.mode != "policy"),
-                ):
-                    loss = model.loss(x.to(device), y.to(device)) / tc.grad_accum
-                if tc.mode != "policy":
-                    loss.backward()
+                last = i == len(micro) - 1  # gradients are averaged once, after the last micro-batch
+                if hasattr(step_module, "set_requires_gradient_sync"):  # FSDP
+                    step_module.set_requires_gradient_sync(last)
+                no_sync = step_module.no_sync() if not last and hasattr(step_module, "no_sync") else nullcontext()
+                with no_sync:  # DDP
+                    with (
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                        torch.set_grad_enabled(tc.mode != "policy"),
+                    ):
+                        loss = step_module(x.to(device), y.to(device)) / (n_rows / len(x))
+                    if tc.mode != "policy":
+                        loss.backward()
                 loss_sum += loss.item()
                 if rl is not None:
                     episodes += rl.collect()
+            # one all-reduce of the step's scalars: the mean loss over every process, SIGTERM seen anywhere,
+            # whether any process has policy episodes
+            loss_sum, stops, n_episodes = all_sum(
+                [loss_sum, float(stop_signal["sig"] is not None), float(len(episodes))], world
+            )
+            loss_sum /= world.size
             if not math.isfinite(loss_sum):
                 raise DrrlError(
                     f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps"
                 )
             grad_norm = None
             if tc.mode != "policy":
-                grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, tc.grad_clip) if tc.grad_clip > 0 else None
+                grad_norm = clip_gradients(step_module, lm_params, tc.grad_clip)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if ppo is not None and episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
+            if ppo is not None and n_episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
                 rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
                 rl_stats["epsilon"] = rl.epsilon(rl.updates)
                 rl.updates += 1
@@ -280,34 +360,25 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
                 layer_stats = model.attention_stats()
                 if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
                     rec["attention"] = layer_stats
-                _append_metrics(metrics_path, rec)
+                if world.is_main:
+                    _append_metrics(metrics_path, rec)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
                 steps_since, busy = 0, 0.0
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
                 r = evaluate(cfg.eval.periodic_max_tokens)
-                _append_metrics(
-                    metrics_path, {"step": done, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]}
-                )
+                if world.is_main:
+                    _append_metrics(
+                        metrics_path,
+                        {"step": done, "val_loss": r["loss"], "val_ppl": r["ppl"], "val_tokens": r["tokens"]},
+                    )
                 message = f"step {done}: val loss {r['loss']:.4f}, ppl {r['ppl']:.2f} ({r['tokens']} tokens)"
                 if progress:
                     bar.write(message)
                 else:
                     log.info(message)
-            stopping = stop_signal["sig"] is not None and done < tc.max_steps
+            stopping = stops > 0 and done < tc.max_steps
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps or stopping:
-                extra = {
-                    "config": cfg.to_dict(),
-                    "tokenizer": tok.name,
-                    "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
-                    "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tokens_per_step},
-                }
-                extra_optimizers = None
-                if ppo is not None:
-                    extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
-                    extra_optimizers = {"policy_optimizer": ppo.optimizer}
-                path = save_checkpoint(
-                    out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers
-                )
+                path = _checkpoint(cfg, out, world, done, lr, tok.name, model, step_module, optimizer, ppo, rl)
                 if stopping:
                     bar.close()
                     raise Interrupted(
@@ -324,9 +395,52 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
         step=max(start, tc.max_steps),
         train_seconds=busy_total,
         train_tokens_per_s=(tc.max_steps - start) * tokens_per_step / busy_total if busy_total else None,
+        processes=world.size,
     )
-    _append_metrics(
-        metrics_path, {"step": result["step"], "val_loss": result["loss"], "val_ppl": result["ppl"], "final": True}
-    )
-    write_json_atomic(out / "eval.json", result)
+    if world.is_main:
+        _append_metrics(
+            metrics_path, {"step": result["step"], "val_loss": result["loss"], "val_ppl": result["ppl"], "final": True}
+        )
+        write_json_atomic(out / "eval.json", result)
+    barrier(world)
     return result
+
+
+def clip_gradients(step_module: torch.nn.Module, params: list, max_norm: float):
+    """Clip the (already averaged) gradients to ``max_norm``; returns the norm before clipping (None if off)."""
+    if max_norm <= 0:
+        return None
+    if is_fsdp(step_module):  # sharded gradients: the norm needs every process's shard
+        return clip_sharded(step_module, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _checkpoint(cfg, out, world, done, lr, tokenizer, model, step_module, optimizer, ppo, rl) -> Path:
+    """Every process checks that it is in step with rank 0 and hands over its RNG state; rank 0 writes."""
+    tc = cfg.train
+    sharded = is_fsdp(step_module)
+    if not sharded:  # FSDP shards differ by design
+        check_in_sync(model, world, done)
+    rng_states = gather_rng_states(world) if world.distributed else None
+    if sharded:  # rank 0 gets a full CPU copy of the model and the optimizer's full state
+        model, optimizer = full_state(step_module, optimizer, lambda: build_model(cfg.model))
+    path = out / "checkpoints" / f"step_{done:07d}"
+    if world.is_main:
+        extra = {
+            "config": cfg.to_dict(),
+            "tokenizer": tokenizer,
+            "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
+            "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tc.batch_size * tc.grad_accum
+                     * cfg.model.context},
+            "world_size": world.size,
+        }  # fmt: skip
+        extra_optimizers = None
+        if ppo is not None:
+            extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
+            extra_optimizers = {"policy_optimizer": ppo.optimizer}
+        path = save_checkpoint(
+            out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers,
+            rng_states=rng_states,
+        )  # fmt: skip
+    barrier(world)  # nobody runs ahead (or exits) before the checkpoint is on disk
+    return path

@@ -1,0 +1,257 @@
+"""Multi-process training on ``torch.distributed``: DistributedDataParallel (or FSDP) under ``torchrun``.
+
+``torchrun --nproc_per_node 2 -m drrl train CONFIG --out DIR`` starts two processes; each calls
+:func:`setup`, which joins the process group torchrun describes in the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): gloo on CPU, NCCL on CUDA, one GPU per
+process. A plain ``drrl train`` (no ``WORLD_SIZE``) is a world of one and uses none of this.
+
+How a step is shared. The step's global batch (``batch_size × grad_accum`` windows) is drawn from
+``(seed, step)`` exactly as in a single process; process ``r`` of ``W`` reads only its contiguous share
+of rows (:func:`shard_rows`) from the memory-mapped token file. Gradients are averaged across processes
+(DDP for the language model; the rank policy's PPO loss is normalised globally and its gradients summed), so the optimiser sees the
+gradient of the whole global batch and the run follows the single-process trajectory up to the order of
+floating-point sums: a run can resume with a different number of processes.
+
+What stays identical on every process: parameters (DDP broadcasts rank 0's at the start, then every
+process applies the same averaged step), buffers such as the drrl layers' running bases and the rank
+policy's exploration generator (:func:`broadcast_state`, before each step, from rank 0). So for a given
+batch every process takes the same rank decisions. :func:`check_in_sync` compares the parameters at each
+checkpoint and stops the run with an error if processes ever diverge.
+
+Only rank 0 writes logs, metrics and checkpoints; a checkpoint also records every process's RNG state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from drrl.errors import ConfigError, DrrlError
+from drrl.utils import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among ``size`` training processes (``size == 1``: no process group)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # setup() created the process group, so teardown() destroys it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> tuple[World, torch.device]:
+    """Join the process group that ``torchrun`` describes, or return a world of one.
+
+    ``device`` is the config's ``train.device``; under torchrun, ``auto``/``cuda`` means this process's
+    GPU ``cuda:LOCAL_RANK``. Collectives wait up to ``timeout_minutes`` (the final evaluation included).
+    """
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return World(), resolve_device(device)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < size:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={size}; launch with torchrun")
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                "lower --nproc_per_node to the number of GPUs"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = resolve_device("cpu" if device == "auto" else device)
+    owns = not dist.is_initialized()
+    if owns:
+        if not dist.is_available():
+            raise DrrlError("this PyTorch build has no torch.distributed; install a build with it or run one process")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if dist.get_world_size() != size or dist.get_rank() != rank:
+            raise DrrlError("the process group does not match RANK/WORLD_SIZE; launch with torchrun")
+    world = World(rank, size, local_rank, owns)
+    if not world.is_main:  # one voice: rank 0 logs, the others only warn
+        logging.getLogger("drrl").setLevel(logging.WARNING)
+    log.info("distributed: %d processes (%s), this is rank %d on %s", size, dist.get_backend(), rank, dev)
+    return world, dev
+
+
+def teardown(world: World) -> None:
+    if world.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_rows(n_rows: int, world: World) -> slice:
+    """This process's contiguous share of a global batch of ``n_rows`` windows."""
+    if n_rows % world.size:
+        raise ConfigError(
+            f"train.batch_size × train.grad_accum = {n_rows} windows per step cannot be split over {world.size} "
+            f"processes; make it a multiple of {world.size} (or change --nproc_per_node)"
+        )
+    share = n_rows // world.size
+    return slice(world.rank * share, (world.rank + 1) * share)
+
+
+def _comm_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Sum a few float64 scalars over all processes (identity in a world of one)."""
+    if not world.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def sum_gradients(params: Iterable[nn.Parameter], world: World, *, mean: bool = False) -> None:
+    """Sum (or average) the gradients of ``params`` over all processes in one flat all-reduce. A parameter
+    without a gradient on this process contributes zeros, so every process must pass the same parameters."""
+    if not world.distributed:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device())
+    dist.all_reduce(flat)
+    if mean:
+        flat /= world.size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.device, p.dtype).clone()
+        offset += n
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """What PPO needs from the process group (``drrl.rl.ppo.PPO(comm=...)``)."""
+
+    world: World
+
+    def sum(self, values: list[float]) -> list[float]:
+        return all_sum(values, self.world)
+
+    def sum_gradients(self, params: Iterable[nn.Parameter]) -> None:
+        sum_gradients(params, self.world)
+
+
+def broadcast_state(model: nn.Module, generator: torch.Generator | None, world: World) -> None:
+    """Copy rank 0's buffers (running bases, counters) and the exploration generator to every process."""
+    if not world.distributed:
+        return
+    dev = _comm_device()
+    for buf in model.buffers():
+        if buf.device == dev:
+            dist.broadcast(buf, 0)
+        else:
+            t = buf.to(dev)
+            dist.broadcast(t, 0)
+            buf.copy_(t)
+    if generator is not None:
+        state = generator.get_state().to(dev)
+        dist.broadcast(state, 0)
+        generator.set_state(state.cpu())
+
+
+def check_in_sync(model: nn.Module, world: World, step: int) -> None:
+    """Raise if any process's parameters differ from rank 0's. (Buffers and the exploration generator may
+    differ after a step, as each process ran its own rows; :func:`broadcast_state` realigns them before the
+    next one, and checkpoints hold rank 0's.)"""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        digest = [sum(float(t.double().sum()) * (i + 1) for i, t in enumerate(model.parameters()))]
+    mine = torch.tensor(digest, dtype=torch.float64, device=_comm_device())
+    gathered = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(gathered, mine)
+    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if bad:
+        raise DrrlError(
+            f"the parameters of processes {bad} diverged from rank 0's by step {step}; this is a bug: please "
+            "report it with the config"
+        )
+
+
+def gather_rng_states(world: World) -> list[torch.Tensor]:
+    """Every process's CPU RNG state (rank 0 gets the full list; a world of one gets its own)."""
+    mine = torch.get_rng_state()
+    if not world.distributed:
+        return [mine]
+    dev = _comm_device()
+    gathered = [torch.empty_like(mine, device=dev) for _ in range(world.size)]
+    dist.all_gather(gathered, mine.to(dev))
+    return [g.cpu() for g in gathered]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+class LossModule(nn.Module):
+    """``forward(x, y) = model.loss(x, y)``, so that DDP/FSDP see the loss computation as a forward call;
+    ``nll`` (the summed loss, for evaluation) goes through ``forward`` too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, summed: bool = False) -> torch.Tensor:
+        return self.model.nll(x, y) if summed else self.model.loss(x, y)
+
+    def nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(x, y, summed=True)
+
+
+def wrap(model: nn.Module, world: World, device: torch.device, strategy: str, ignore: Iterable[str] = ()) -> nn.Module:
+    """The module the training step calls: ``LossModule(model)``, under DDP or FSDP when distributed.
+
+    ``ignore`` names parameters (of ``model``) that the language-model loss does not train (the rank policy,
+    trained by PPO through :class:`Collectives`); DDP leaves them alone. Buffers are synchronised by
+    :func:`broadcast_state`, not by DDP.
+    """
+    loss_module = LossModule(model)
+    if not world.distributed or not any(p.requires_grad for p in model.parameters()):
+        return loss_module
+    if strategy == "fsdp":
+        from drrl.train.fsdp import shard_model
+
+        return shard_model(loss_module, device)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ignored = [f"model.{n}" for n in ignore] + [f"model.{n}" for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(loss_module, ignored)
+    # the buffers are on the ignore list, so DDP does not broadcast them (broadcast_state does, before each step)
+    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
