@@ -4,6 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import tiny_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +47,19 @@ def test_deltanet_decode_benchmark_writes_its_schema(tmp_path, capsys):
     assert [(r["removed"], r["d_keep"]) for r in rows] == [(0.0, 8), (0.5, 4)]
     assert rows[0]["mixers_speedup"] == 1.0 and rows[1]["mixers_us"] > 0 and rows[1]["model_speedup"] > 0
     assert "| 2 | 50% | 4 |" in capsys.readouterr().out
+
+
+def test_ddp_throughput_benchmark_writes_its_schema(tmp_path, capsys, text_corpus):
+    bench = load_script("ddp_throughput")
+    out = tmp_path / "ddp.json"
+    sets = [a for o in tiny_overrides(text_corpus) if not o.startswith("train.") for a in ("--set", o)]
+    argv = ["--config", str(ROOT / "configs" / "shakespeare-gpt-tiny.yaml"), "--steps", "4", "--log-every", "2"]
+    data = bench.main([*argv, "--repeats", "1", "--out", str(out), *sets, "--set", "train.batch_size=4",
+                       "--set", "model.dropout=0.0"])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert set(data["runs"]) == {"single", "ddp"} and data["procs"] == 2
+    assert all(r["tokens_per_s"] > 0 for rs in data["runs"].values() for r in rs)
+    # the same global batch: both variants train the same model to the same loss (no dropout)
+    assert data["runs"]["ddp"][0]["val_loss"] == pytest.approx(data["runs"]["single"][0]["val_loss"], rel=1e-4)
+    assert data["ddp_over_single"] == data["median_tokens_per_s"]["ddp"] / data["median_tokens_per_s"]["single"]
+    assert "ratio" in capsys.readouterr().out

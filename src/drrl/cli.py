@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--taus", type=_floats, default=(0.97, 0.99), help="energy thresholds (default: 0.97,0.99)")
     dm.add_argument("--repeats", type=_positive, default=3, help="timing repeats (default: 3)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    dm.add_argument("--trust-remote-code", action="store_true",
+                    help="let a Hugging Face hub model run the Python code in its repository (off by default: "
+                         "only for models you trust)")  # fmt: skip
     dm.add_argument(
         "--quick",
         action="store_true",
@@ -177,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoRA recovery steps (peft) on the layers each adapter leaves dense, then perplexity "
                     "again (causal LMs; default: 0 = none)")  # fmt: skip
     cp.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    cp.add_argument("--trust-remote-code", action="store_true",
+                    help="let a Hugging Face hub model run the Python code in its repository (off by default: "
+                         "only for models you trust)")  # fmt: skip
     cp.add_argument("--out", default="runs/compress", help="output folder (default: runs/compress)")
     cp.add_argument("--quick", action="store_true",
                     help="a smoke run: context 128, 2 calibration and 2 evaluation windows (encoders: 64 sentences "
@@ -267,7 +273,8 @@ def cmd_demo(args) -> int:
 
     kw = dict(model=args.model, corpus=args.corpus, context=args.context, segment=args.segment,
               eval_windows=args.windows, calib_windows=args.calib_windows, policy_steps=args.policy_steps,
-              betas=args.betas, taus=args.taus, timing_repeats=args.repeats, device=args.device)  # fmt: skip
+              betas=args.betas, taus=args.taus, timing_repeats=args.repeats, device=args.device,
+              trust_remote_code=args.trust_remote_code)  # fmt: skip
     if args.quick:
         kw.update(context=256, segment=64, eval_windows=2, calib_windows=2, policy_steps=2, timing_repeats=1,
                   static_ranks=(32,))  # fmt: skip
@@ -298,8 +305,8 @@ def cmd_compress(args) -> int:
     kw = dict(methods=methods, flops_ratios=list(args.flops_ratio), model=args.model, targets=args.targets,
               calibration=args.calibration, corpus=args.corpus, context=args.context,
               calib_windows=args.calib_windows, eval_windows=args.windows, save=not args.no_save,
-              recover_steps=args.recover_steps,
-              device=args.device)  # fmt: skip
+              recover_steps=args.recover_steps, device=args.device,
+              trust_remote_code=args.trust_remote_code)  # fmt: skip
     if args.quick:
         kw.update(context=128, calib_windows=2, eval_windows=2, calib_sentences=64, eval_sentences=64,
                   timing_repeats=1, sample_tokens=256, score_tokens=128, error_tokens=128, decode_tokens=4)  # fmt: skip

@@ -47,6 +47,7 @@ class CompressConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     flops_ratios: list[float] = field(default_factory=lambda: [0.56])  # kept fraction of the adapted layers' FLOPs
     model: str | None = None  # Hugging Face causal LM folder or hub name; None: the embedded SmolLM2-135M
+    trust_remote_code: bool = False  # let a hub model run its own Python code (only for models you trust)
     targets: str = "mlp+qkv"  # mlp | mlp+qkv
     calibration: str | None = None  # train split fits the adapters (default: shakespeare; encoders: rt-polarity)
     corpus: str | None = None  # test split evaluates them (default: as calibration)
@@ -270,9 +271,9 @@ def run_compress(cfg: CompressConfig, out: str | Path, quiet: bool = False) -> d
     else:
         from drrl.integrations.hf import load_causal_lm
 
-        dense, path = load_causal_lm(cfg.model)
+        dense, path = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
         dense.to(device)
-        tok = get_tokenizer("hf:" + path)
+        tok = get_tokenizer("hf:" + path, trust_remote_code=cfg.trust_remote_code)
         L = cfg.context + 1
         calib = [w[None, :-1] for w in spread_windows(load_tokens(cfg.calibration, "train", tok), cfg.calib_windows, L)]
         evalw = spread_windows(load_tokens(cfg.corpus, "test", tok), cfg.eval_windows, L)

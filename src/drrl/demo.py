@@ -58,6 +58,7 @@ class DemoConfig:
     """Settings of ``drrl demo`` (defaults: about 6 minutes on 2 CPU cores)."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M
+    trust_remote_code: bool = False  # let a hub model run its own Python code (only for models you trust)
     corpus: str = "shakespeare"
     context: int = 1024
     segment: int = 128
@@ -318,9 +319,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, path = load_causal_lm(cfg.model)
+    model, path = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(device)
-    tok = get_tokenizer("hf:" + path)
+    tok = get_tokenizer("hf:" + path, trust_remote_code=cfg.trust_remote_code)
     test = load_tokens(cfg.corpus, "test", tok)
     train = load_tokens(cfg.corpus, "train", tok)
     L = cfg.context + 1

@@ -119,10 +119,11 @@ def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """``"gpt2"`` (offline tiktoken GPT-2 BPE) or ``"hf:NAME_OR_DIR"`` (any Hugging Face tokenizer)."""
+def get_tokenizer(name: str = "gpt2", *, trust_remote_code: bool = False) -> Tokenizer:
+    """``"gpt2"`` (offline tiktoken GPT-2 BPE) or ``"hf:NAME_OR_DIR"`` (any Hugging Face tokenizer; its
+    repository's own Python code runs only with ``trust_remote_code=True``)."""
     if name == "gpt2":
         return GPT2Tokenizer()
     if name.startswith("hf:") and len(name) > 3:
-        return HFTokenizer(name[3:])
+        return HFTokenizer(name[3:], trust_remote_code=trust_remote_code)
     raise DataError(f"unknown tokenizer {name!r}; use 'gpt2' or 'hf:NAME_OR_DIR'")
