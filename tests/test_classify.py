@@ -85,3 +85,28 @@ def test_rl_controller_learns_the_cost_tradeoff_while_fine_tuning(
     ranks = rep["rows"][0]["mean_ranks"]
     assert len(ranks) == 2  # one per encoder layer (d_head 8: buckets 2, 4, 6, 8)
     assert all(r == (8 if expect == "largest" else 2) for r in ranks), ranks
+
+
+def test_torchrun_shares_the_runs_among_processes(tiny_bert_with_tokenizer, tsv, tmp_path):
+    """2 processes run half the (method, seed) fine-tunes each; rank 0 writes the same table one process does."""
+    import os
+    import subprocess
+    import sys
+
+    methods = [{"method": "full"}, {"method": "static", "attention_kwargs": {"rank": 4}}]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: '{tsv}'\nmodel: '{tiny_bert_with_tokenizer}'\nseeds: [0, 1]\nbatch_size: 16\n"
+                   f"epochs: 1\nmethods: {json.dumps(methods)}\n")  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    drrl = ["-m", "drrl", "-q", "classify", str(cfg), "--out"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for cmd in ([sys.executable, *drrl, str(tmp_path / "one")], [*torchrun, *drrl, str(tmp_path / "two")]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("| full |") == 1  # rank 0 reports, once
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert [(r["method"], r["seed"]) for r in two["runs"]] == [(m["method"], s) for m in methods for s in (0, 1)]
+    assert [r["accuracy"] for r in two["runs"]] == [r["accuracy"] for r in one["runs"]]
+    assert [r["validation_accuracy"] for r in two["runs"]] == [r["validation_accuracy"] for r in one["runs"]]

@@ -47,6 +47,9 @@ def evaluate(
 ) -> dict:
     """Perplexity of a trained run; on the kind of device it was trained on, the defaults reproduce the
     run's own final evaluation (``eval.json``)."""
+    for name, value in (("--context", context), ("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
     if out is not None and (Path(out).is_dir() or not Path(out).parent.is_dir()):
         raise DataError(f"--out {out} must be a file path in an existing folder")
     model, tok, ckpt = load(run_or_checkpoint, device)

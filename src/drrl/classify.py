@@ -10,6 +10,7 @@ treat masks differently or not at all). Writes ``DIR/results.json`` (``{"rows": 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import statistics
@@ -25,14 +26,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from drrl import flops
-from drrl.attention import available_attentions, calibrating
+from drrl.attention import available_attentions, calibrating, get_attention_class
 from drrl.config import FieldError, apply_overrides, from_dict, load_yaml, require
-from drrl.errors import ConfigError
+from drrl.errors import ConfigError, DrrlError
 from drrl.models.encoder import EncoderClassifier, minilm_dir
 from drrl.rl.policy import EpsilonSchedule
 from drrl.rl.ppo import PPO, PPOConfig
 from drrl.rl.reward import RewardConfig
 from drrl.train.config import RLConfig
+from drrl.train.distributed import gather_objects, setup, teardown
 from drrl.utils import resolve_device, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -219,7 +221,7 @@ def run_one(spec: MethodSpec, seed: int, data: dict, cfg: ClassifyConfig, path: 
             rl.begin()
         loss = F.cross_entropy(model(x), torch.tensor([tr_y[i] for i in b], device=device))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{spec.method}: loss became {loss.item()}; lower lr")
+            raise DrrlError(f"{spec.method} seed {seed}: loss became {loss.item()} at step {step + 1}; lower lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,6 +254,8 @@ def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict
 
     out = Path(out)
     path = Path(cfg.model) if cfg.model else minilm_dir()
+    if not path.is_dir():
+        raise DrrlError(f"model {path} is not a folder; pass a local BERT folder (with its tokenizer) or no model")
     tok = AutoTokenizer.from_pretrained(path)
     ds = load_sentences(cfg.data)
     data = {"n_classes": ds.n_classes}
@@ -261,13 +265,30 @@ def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(SHUFFLE_SEED)).tolist()
         texts, labels = [texts[i] for i in order][:limit], [labels[i] for i in order][:limit]
         data[split] = (encode_sentences(tok, texts, cfg.max_len), list(labels))
+    longest = max((len(x) for split in ("train", "validation", "test") for x in data[split][0]), default=0)
+    for spec in cfg.methods:  # an attention with a length limit (linformer) must take every sentence: check now
+        limit = inspect.signature(get_attention_class(spec.attention).__init__).parameters.get("max_len")
+        max_len = spec.attention_kwargs.get("max_len", limit.default if limit is not None else None)
+        if isinstance(max_len, int) and max_len < longest:
+            raise ConfigError(
+                f"method {spec.method}: attention_kwargs.max_len {max_len} is shorter than the longest sentence "
+                f"({longest} tokens); raise it to >= {longest} or lower the config's max_len (tokens per sentence)"
+            )
     t_start = time.perf_counter()
-    runs = []
-    for spec in cfg.methods:
-        for seed in cfg.seeds:
-            r = run_one(spec, seed, data, cfg, path, quiet)
-            log.info("%s seed %d: accuracy %.4f", spec.method, seed, r["accuracy"])
-            runs.append(r)
+    # Under torchrun the (method, seed) fine-tunes are shared round-robin among the processes (each a
+    # whole run, the cheapest way to parallelise a table of small fine-tunes); rank 0 gathers and writes.
+    world, _ = setup(cfg.device)
+    try:
+        jobs = [(spec, seed) for spec in cfg.methods for seed in cfg.seeds]
+        mine = {}
+        for k, (spec, seed) in enumerate(jobs):
+            if k % world.size == world.rank:
+                mine[k] = run_one(spec, seed, data, cfg, path, quiet or not world.is_main)
+                log.info("%s seed %d: accuracy %.4f", spec.method, seed, mine[k]["accuracy"])
+        done = {k: r for part in gather_objects(mine, world) for k, r in part.items()}
+    finally:
+        teardown(world)
+    runs = [done[k] for k in range(len(jobs))]
     rows = []
     for spec in cfg.methods:
         rs = [r for r in runs if r["method"] == spec.method]
@@ -292,12 +313,14 @@ def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict
         "sizes": {s: len(data[s][0]) for s in ("train", "validation", "test")},
         "mean_test_tokens": sum(n * c for n, c in lens.items()) / max(1, sum(lens.values())),
         "seconds": time.perf_counter() - t_start,
+        "processes": world.size,  # > 1: runs shared the machine, so their CPU timings include contention
         "rows": rows,
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", report)
-    write_text_atomic(out / "report.md", render_report(report))
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "results.json", report)
+        write_text_atomic(out / "report.md", render_report(report))
     return report
 
 

@@ -292,6 +292,8 @@ def cmd_classify(args) -> int:
     cfg = ClassifyConfig.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     rep = run_table(cfg, out, quiet=args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     print(render_table(rep["rows"]), end="")
     print(f"{rep['seconds']:.0f} s; results: {out / 'results.json'}")
     return 0
@@ -391,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="drrl: %(message)s")
+    if args.quiet:  # transformers' and the hub's own progress bars (loading weights, downloads) too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except DrrlError as e:

@@ -32,6 +32,11 @@ _Loader.add_implicit_resolver(
 )
 
 
+# What PyYAML raises on bad input: syntax errors, and from its constructors malformed tagged or implicit scalars
+# (``!!int abc``, ``2001-13-45``, ``!!bool maybe``, a 5000-digit integer) and nesting deeper than the stack
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, LookupError, RecursionError)
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
@@ -154,14 +159,18 @@ def to_dict(obj) -> dict:
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    if isinstance(overrides, str | bytes):
+        raise ConfigError(
+            f"overrides must be a list of key=value strings, got the string {overrides!r}; wrap it in a list"
+        )
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.max_steps=50)")
         key, raw = item.split("=", 1)
         key = key.strip()
         try:
             value = parse_yaml(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except YAML_ERRORS:
             value = raw
         node = data
         parts = key.split(".")
@@ -180,7 +189,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/shakespeare-gpt-tiny.yaml")
     try:
         data = parse_yaml(path.read_text())
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except YAML_ERRORS as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}; fix the syntax") from None

@@ -159,6 +159,12 @@ def run_prune(path: str | Path, cfg: PruneConfig, out: str | Path, *, progress: 
     run_cfg = RunConfig.from_dict(ckpt.config)
     if run_cfg.model.kind != "deltanet":
         raise ConfigError(f"{path} holds a model of kind {run_cfg.model.kind}; drrl prune needs model.kind=deltanet")
+    d_k = mixers(dense)[0].head_k_dim
+    for r in cfg.ratios:  # prune_qk's rule, checked before any work: every head keeps at least one channel
+        if int(d_k * (1 - r) + 1e-9) < 1:
+            raise ConfigError(
+                f"--ratio {r:g} would remove all {d_k} query/key channels of a head; use --ratio <= {(d_k - 1) / d_k:g}"
+            )
     check_out_dir(out)
     context = run_cfg.model.context
     calib_tokens = load_tokens(cfg.calibration or run_cfg.data.corpus, "train", tok)

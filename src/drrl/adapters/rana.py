@@ -441,8 +441,36 @@ def apply_rana(
     allocations; ``score_tokens`` of them score the MLP budget splits. Input Grams use every token.
     ``cache`` (a dict, empty at first) keeps the calibration statistics and bases between calls on copies of
     the same model with the same calibration data (methods and ratios then refit in seconds); the caller
-    owns that promise.
+    owns that promise. On an error (e.g. a FLOPs ratio too small for some site) the model is left as it was.
     """
+    saved = [(m, dict(m._modules)) for m in model.modules()]  # undone if a site cannot be fitted
+    was_training = model.training
+    try:
+        return _apply_rana(model, flops_ratio, calibration, method=method, targets=targets,
+                           sample_tokens=sample_tokens, score_tokens=score_tokens, seed=seed, progress=progress,
+                           cache=cache)  # fmt: skip
+    except BaseException:
+        for m, children in saved:
+            m._modules.clear()
+            m._modules.update(children)
+        model.train(was_training)
+        raise
+
+
+def _apply_rana(
+    model: nn.Module,
+    flops_ratio: float,
+    calibration: Iterable,
+    *,
+    method: str = "rana",
+    targets: str = "mlp+qkv",
+    sample_tokens: int = 2048,
+    score_tokens: int = 512,
+    seed: int = 0,
+    progress: bool = False,
+    cache: dict | None = None,
+) -> CompressionReport:
+    """:func:`apply_rana` without the undo on error."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if targets not in TARGETS:

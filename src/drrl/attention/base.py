@@ -7,6 +7,8 @@ only implement :meth:`Attention.attend` on per-head tensors laid out as in SDPA,
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Callable
 
 import torch
@@ -15,6 +17,32 @@ from torch import nn
 from drrl.attention.rope import RotaryEmbedding
 
 _REGISTRY: dict[str, type[Attention]] = {}
+
+
+def check_int(value, name: str, *, minimum: int | None = 1, optional: bool = False) -> int | None:
+    """``value`` as an ``int`` >= ``minimum`` (integral floats such as 8.0 pass), or a one-line ValueError that
+    names the argument (inf, NaN, 1.5, strings, booleans); ``None`` passes through when ``optional``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        try:
+            v = operator.index(value)
+        except TypeError:
+            v = int(value) if isinstance(value, float) and value.is_integer() else None
+        if v is not None and (minimum is None or v >= minimum):
+            return v
+    at_least = "" if minimum is None else f" >= {minimum}"
+    raise ValueError(f"{name} must be an integer{at_least}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_real(value, name: str, *, optional: bool = False) -> float | None:
+    """``value`` as a ``float`` (NaN and inf included: range checks stay with the caller), or a one-line
+    ValueError naming the argument (strings, lists, booleans); ``None`` passes through when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} must be a number{' or None' if optional else ''}, got {value!r}")
 
 
 class Attention(nn.Module):
@@ -35,6 +63,7 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, *, causal: bool = True, bias: bool = False):
         super().__init__()
+        d_model, n_head = check_int(d_model, "d_model"), check_int(n_head, "n_head")
         if d_model % n_head:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
         if causal and not self.supports_causal:

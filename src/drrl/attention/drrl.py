@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drrl import flops
-from drrl.attention.base import Attention, register_attention
+from drrl.attention.base import Attention, check_int, check_real, register_attention
 from drrl.linalg import (
     gram,
     lowrank_score_maps,
@@ -210,18 +210,23 @@ class DynamicLowRankAttention(Attention):
         n_kv_head: int | None = None,
     ):
         super().__init__(d_model, n_head, causal=causal, bias=bias)
-        d = self.d_head
-        n_kv_head = n_head if n_kv_head is None else int(n_kv_head)
+        d, n_head = self.d_head, self.n_head
+        n_kv_head = n_head if n_kv_head is None else check_int(n_kv_head, "n_kv_head", minimum=0)
         if n_kv_head < 1 or n_head % n_kv_head:
             raise ValueError(f"n_kv_head must divide n_head={n_head}, got {n_kv_head}")
         self.n_kv_head, self.group = n_kv_head, n_head // n_kv_head
-        r_max = d if r_max is None else int(r_max)
+        r_max = d if r_max is None else check_int(r_max, "r_max", minimum=0)
         if not 0 < r_max <= d:
             raise ValueError(f"r_max must be in 1..d_head={d}, got {r_max}")
-        if bucket < 1:
-            raise ValueError(f"bucket must be a positive integer, got {bucket}")
-        if segment < 1:
-            raise ValueError(f"segment must be a positive number of tokens, got {segment}")
+        bucket = check_int(bucket, "bucket")
+        segment = check_int(segment, "segment (tokens per rank decision)")
+        refresh_steps = check_int(refresh_steps, "refresh_steps")
+        seed = check_int(seed, "seed", minimum=None)
+        ridge = check_real(ridge, "ridge")
+        if not 0 <= ridge < math.inf:
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        for name, value in (("tau", tau), ("refresh_tol", refresh_tol), ("guard_eps", guard_eps)):
+            check_real(value, name, optional=name == "guard_eps")
         if basis not in BASIS_MODES:
             raise ValueError(f"basis must be one of {', '.join(BASIS_MODES)}, got {basis!r}")
         if basis == "online" and not causal:
@@ -594,6 +599,8 @@ class DynamicLowRankAttention(Attention):
                 q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
             )
         B, H, L, d = q.shape
+        if B == 0 or L == 0:  # nothing to attend to: an empty output, as SDPA gives (no plan, no statistics)
+            return v.new_zeros(B, H, L, v.shape[-1])
         if self.basis == "calibrated" and (not self.needs_stats or not self.causal):
             # the plan reads no token of the batch (a fixed rank, or a bidirectional layer, whose statistics are
             # those of the calibration Grams at this length): one plan, one decision per segment, for every row;

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.functional import scaled_dot_product_attention
 
 from drrl import flops as fl
-from drrl.attention.base import Attention, register_attention
+from drrl.attention.base import Attention, check_int, register_attention
 
 INITS = ("xavier", "identity")
 
@@ -63,8 +63,7 @@ class LinformerAttention(Attention):
                 "included) into every projected key and value, so it leaks the future; use it in an encoder (causal=False)"
             )
         super().__init__(d_model, n_head, causal=causal, bias=bias)
-        if max_len < 1 or k < 1:
-            raise ValueError(f"max_len and k must be >= 1, got max_len={max_len}, k={k}")
+        max_len, k = check_int(max_len, "linformer max_len"), check_int(k, "linformer k")
         if init not in INITS:
             raise ValueError(f"unknown linformer init {init!r}; choose one of {', '.join(INITS)}")
         if init == "identity" and k != max_len:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drrl import flops as fl
-from drrl.attention.base import Attention, register_attention
+from drrl.attention.base import Attention, check_int, register_attention
 
 
 def segment_means(x: torch.Tensor, n_segments: int) -> torch.Tensor:
@@ -129,11 +129,10 @@ class NystromAttention(Attention):
                 "that include future tokens, so every position sees the future; use it in an encoder (causal=False)"
             )
         super().__init__(d_model, n_head, causal=causal, bias=bias)
-        if n_landmarks < 1:
-            raise ValueError(f"n_landmarks must be >= 1, got {n_landmarks}")
-        if pinv_iters < 0:
-            raise ValueError(f"pinv_iters must be >= 0, got {pinv_iters}")
-        if conv_kernel is not None and (conv_kernel < 1 or conv_kernel % 2 == 0):
+        n_landmarks = check_int(n_landmarks, "n_landmarks")
+        pinv_iters = check_int(pinv_iters, "pinv_iters", minimum=0)
+        conv_kernel = check_int(conv_kernel, "conv_kernel", optional=True)
+        if conv_kernel is not None and conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel must be a positive odd integer or None, got {conv_kernel}")
         self.n_landmarks, self.pinv_iters, self.conv_kernel = n_landmarks, pinv_iters, conv_kernel
         self.conv = (

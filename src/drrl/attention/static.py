@@ -8,7 +8,7 @@ an uncalibrated layer raises. Works causally and bidirectionally; with RoPE the 
 
 from __future__ import annotations
 
-from drrl.attention.base import register_attention
+from drrl.attention.base import check_int, register_attention
 from drrl.attention.drrl import DynamicLowRankAttention
 
 
@@ -29,9 +29,10 @@ class StaticRankAttention(DynamicLowRankAttention):
         ridge: float = 1e-6,
         n_kv_head: int | None = None,
     ):
-        d_head = d_model // n_head if n_head > 0 and d_model % n_head == 0 else None
-        if rank is None or d_head is None or not 0 < int(rank) <= d_head:
+        d_model, n_head = check_int(d_model, "d_model"), check_int(n_head, "n_head")
+        d_head = d_model // n_head if d_model % n_head == 0 else None
+        r = check_int(rank, "static attention rank", minimum=None, optional=True)
+        if r is None or d_head is None or not 0 < r <= d_head:
             raise ValueError(f"static attention needs rank= an integer in 1..d_head={d_head}, got {rank}")
-        r = int(rank)
         super().__init__(d_model, n_head, causal=causal, bias=bias, r_max=r, bucket=r, segment=segment,
                          basis="calibrated", controller="fixed", rank=r, ridge=ridge, n_kv_head=n_kv_head)  # fmt: skip

@@ -128,10 +128,13 @@ class TextCorpus(Corpus):
         super().__init__(f"text:{p}", sha256_bytes("text", *stats))
 
     def text(self, split: str) -> str:
-        try:
-            full = "\n\n".join(f.read_text(encoding="utf-8") for f in self.files)
-        except UnicodeDecodeError as e:
-            raise DataError(f"corpus file is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+        texts = []
+        for f in self.files:
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"corpus file {f} is not UTF-8 text ({e.reason}); convert it to UTF-8") from None
+        full = "\n\n".join(texts)
         return split_lines(full, split)
 
 

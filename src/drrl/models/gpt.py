@@ -38,7 +38,7 @@ def validate_attention(name: str, kwargs: dict, d_model: int, n_head: int, causa
     try:  # the constructor's own checks (ranks above the head dimension, unknown modes), at no cost
         with torch.device("meta"):
             cls(d_model, n_head, causal=causal, bias=bias, **kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:  # ArithmeticError: e.g. int(inf) in a constructor
         raise FieldError("attention_kwargs", f"invalid for attention {name!r}: {e}") from None
 
 
@@ -64,7 +64,8 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
             v = getattr(self, name)
-            require(v > 0, name, f"must be a positive integer, got {v}")
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0  # the Python API skips from_dict's types
+            require(ok, name, f"must be a positive integer, got {v!r}")
         require(
             self.d_model % self.n_head == 0,
             "n_head",
@@ -73,7 +74,7 @@ class GPTConfig:
         require(self.kind in ("gpt", "deltanet"), "kind", f"must be gpt or deltanet, got {self.kind!r}")
         if isinstance(self.deltanet, dict):  # the Python API may pass the section as a dict
             self.deltanet = from_dict(DeltaNetConfig, self.deltanet, prefix="deltanet.")
-        require(self.mlp_ratio > 0, "mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        require(0 < self.mlp_ratio < math.inf, "mlp_ratio", f"must be a finite number > 0, got {self.mlp_ratio}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         if self.kind == "deltanet":
             require(

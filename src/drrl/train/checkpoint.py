@@ -51,7 +51,10 @@ class Checkpoint:
         try:
             missing, unexpected = load_model(model, self.path / "model.safetensors", strict=False)
         except (SafetensorError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {self.path} does not fit the model ({e}); check the config") from None
+            detail = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            raise CheckpointError(
+                f"checkpoint {self.path} does not fit the model ({detail}); check the config"
+            ) from None
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint {self.path} does not fit the model (missing {sorted(missing)[:3]}, "
@@ -175,7 +178,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text())
         files = state["files"]
         int(state["step"])
-        if state.get("format") != FORMAT or "config" not in state or not set(FILES) <= set(files):
+        if (
+            state.get("format") != FORMAT
+            or "config" not in state
+            or not isinstance(files, dict)
+            or not set(FILES) <= set(files)
+        ):
             raise KeyError("format")
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(

@@ -215,6 +215,15 @@ def gather_rng_states(world: World) -> list[torch.Tensor]:
     return [g.cpu() for g in gathered]
 
 
+def gather_objects(obj, world: World) -> list:
+    """Every process's ``obj`` (picklable: results passed between this run's own processes, never a file)."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

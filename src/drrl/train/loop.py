@@ -257,7 +257,9 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
             metrics_path.write_text("")
     policy_names = [n for n, p in model.named_parameters() if id(p) in policy_ids]
     step_module = wrap(model, world, device, tc.distributed, ignore=policy_names)
-    optimizer = build_optimizer(model, tc, exclude=policy_ids)  # after wrap: FSDP replaces the parameters
+    # after wrap: FSDP replaces the parameters by sharded ones
+    lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
+    optimizer = build_optimizer(model, tc, exclude=policy_ids)
     if ckpt is not None and is_fsdp(step_module):
         load_optimizer_state(step_module, optimizer, ckpt.optimizer_state_dict())
     elif ckpt is not None:
