@@ -18,6 +18,7 @@ EPILOG = """examples:
   drrl prune runs/deltanet --selector all --ratio 0.25,0.5,0.75 --out runs/prune
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --set train.max_steps=50
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --resume
+  torchrun --standalone --nproc_per_node 2 -m drrl train configs/shakespeare-gpt-tiny.yaml --out runs/ddp
   drrl eval runs/tiny --split test
   drrl data prepare shakespeare
   drrl plot runs/tiny
@@ -60,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         parents=[quiet],
-        help="train a model from a YAML config",
-        description="Train a model from a YAML config.",
+        help="train a model from a YAML config (also under torchrun: data-parallel)",
+        description="Train a model from a YAML config. Under torchrun every process runs this command and they "
+        "share each step's batch (DDP; --set train.distributed=fsdp shards the model); only rank 0 writes. "
+        "Resume works with any number of processes. Example: OMP_NUM_THREADS=1 torchrun --standalone "
+        "--nproc_per_node 2 -m drrl train configs/shakespeare-gpt-tiny.yaml --out runs/ddp",
     )
     t.add_argument("config", help="YAML file with model / data / train / eval sections")
     t.add_argument(
@@ -389,7 +393,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    from drrl.errors import DrrlError
+    from drrl.errors import DrrlError, Interrupted
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="drrl: %(message)s")
@@ -400,7 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except DrrlError as e:
-        print(f"drrl: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks for all, the others only if alone
+        if rank == "0":
+            print(f"drrl: error: {e}", file=sys.stderr)
+        elif not isinstance(e, Interrupted):
+            print(f"drrl: error (process {rank}): {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into e.g. `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -255,3 +255,31 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_anywhere(tiny_overrides_lis
     shutil.copytree(step3, resumed / "checkpoints" / step3.name)
     _run(_train_cmd(ov, resumed, "--resume", nproc=1))  # a full, ordinary checkpoint
     assert _eval(resumed)["loss"] == pytest.approx(_eval(ddp)["loss"], rel=1e-5)
+
+
+def test_sigterm_to_every_process_writes_one_checkpoint_and_the_run_resumes(tiny_overrides_list, tmp_path):
+    """What a scheduler does at pre-emption: SIGTERM to the launcher and all its workers. The workers agree on
+    the step to stop after, rank 0 checkpoints it, and --resume finishes the run."""
+    ov = _overrides(tiny_overrides_list, **{"train.max_steps": "12", "train.checkpoint_every": "0"})
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(ov, out), env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("stopped by SIGTERM after step") == 1 and "--resume" in err  # rank 0 speaks for all
+    (ckpt,) = list_checkpoints(out)
+    stopped = json.loads((ckpt / "state.json").read_text())["step"]
+    assert 2 <= stopped < 12 and not (out / "eval.json").exists()
+    _run(_train_cmd(ov, out, "--resume"))
+    assert _eval(out)["step"] == 12
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 13))
