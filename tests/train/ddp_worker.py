@@ -17,6 +17,7 @@ from drrl.errors import DrrlError
 from drrl.models.gpt import GPTConfig, build_model
 from drrl.rl.ppo import PPO
 from drrl.train.distributed import Collectives, broadcast_state, check_in_sync, setup, teardown, wrap
+from drrl.train.recovery import RecoveryConfig, lora_recover
 
 
 def gather(obj):
@@ -30,6 +31,18 @@ def decisions(model, x) -> list:
     rl.begin()
     model.loss(x[:, :-1], x[:, 1:])
     return [ep.actions.tolist() for ep in rl.collect()]
+
+
+def recovery() -> dict:
+    """LoRA recovery of a tiny GPT, data-parallel (the test runs the same in one process)."""
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(vocab_size=64, n_layer=2, n_head=2, d_model=32, context=32))
+    tokens = torch.randint(0, 64, (4000,), generator=torch.Generator().manual_seed(3)).numpy()
+    r = lora_recover(
+        model, tokens, RecoveryConfig(steps=6, batch_size=4, lora_r=4, lora_alpha=8, warmup_steps=2, targets=("qkv",))
+    )
+    return {"loss_first": r["loss_first"], "loss_last": r["loss_last"],
+            "weights": [float(p.detach().double().sum()) for p in model.parameters()]}  # fmt: skip
 
 
 def main(out: Path) -> None:
@@ -80,6 +93,7 @@ def main(out: Path) -> None:
         report["divergence_detected"] = False
     except DrrlError as e:
         report["divergence_detected"] = str(e)
+    report["recovery"] = recovery()
     (out / f"rank{world.rank}.json").write_text(json.dumps(report))
     teardown(world)
 

@@ -157,6 +157,17 @@ def test_rank_decisions_and_parameters_agree_across_processes(tmp_path):
         assert r0[f"decisions_{step}"] == r1[f"decisions_{step}"]
     assert r0["policy_checksum"] == r1["policy_checksum"]  # PPO's summed gradients kept the policies equal
     assert "diverged from rank 0" in r0["divergence_detected"]
+    # LoRA recovery: both processes merge the same adapters, those of the one-process run on the same batches
+    assert r0["recovery"] == r1["recovery"]
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import ddp_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    alone = ddp_worker.recovery()
+    assert r0["recovery"]["loss_first"] == pytest.approx(alone["loss_first"], rel=1e-5)
+    assert r0["recovery"]["loss_last"] == pytest.approx(alone["loss_last"], rel=1e-4)
+    assert r0["recovery"]["weights"] == pytest.approx(alone["weights"], rel=1e-4, abs=1e-4)
     assert r0["divergence_detected"] == r1["divergence_detected"]
 
 
@@ -283,3 +294,13 @@ def test_sigterm_to_every_process_writes_one_checkpoint_and_the_run_resumes(tiny
     assert _eval(out)["step"] == 12
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
     assert steps == list(range(1, 13))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_two_gpus_follow_the_one_gpu_trajectory(tiny_overrides_list, tmp_path):
+    ov = _overrides(tiny_overrides_list, **{"model.dropout": "0.0", "train.device": "cuda", "train.precision": "fp32"})
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(_train_cmd(ov, one, nproc=1))
+    _run(_train_cmd(ov, two))
+    assert _eval(two)["processes"] == 2
+    assert _eval(two)["loss"] == pytest.approx(_eval(one)["loss"], rel=1e-4)  # TF32 and reduction order

@@ -104,17 +104,25 @@ def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> tuple[World
     return world, dev
 
 
+def current_world() -> World:
+    """The process group a caller has already joined (e.g. a script run under torchrun that called
+    :func:`setup`), or a world of one."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+
+
 def teardown(world: World) -> None:
     if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def shard_rows(n_rows: int, world: World) -> slice:
-    """This process's contiguous share of a global batch of ``n_rows`` windows."""
+def shard_rows(n_rows: int, world: World, what: str = "train.batch_size × train.grad_accum") -> slice:
+    """This process's contiguous share of a global batch of ``n_rows`` windows (``what`` names the setting)."""
     if n_rows % world.size:
         raise ConfigError(
-            f"train.batch_size × train.grad_accum = {n_rows} windows per step cannot be split over {world.size} "
-            f"processes; make it a multiple of {world.size} (or change --nproc_per_node)"
+            f"{what} = {n_rows} windows per step cannot be split over {world.size} processes; make it a "
+            f"multiple of {world.size} (or change --nproc_per_node)"
         )
     share = n_rows // world.size
     return slice(world.rank * share, (world.rank + 1) * share)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from drrl.config import require
 from drrl.data.tokens import sample_batch
 from drrl.models.loss import linear_cross_entropy
+from drrl.train.distributed import all_sum, current_world, shard_rows, sum_gradients
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,11 @@ def lora_recover(model, tokens: np.ndarray, cfg: RecoveryConfig, *, teacher=None
     """Fine-tune LoRA adapters on ``cfg.targets`` of a causal LM (drrl's, or a Hugging Face one, adapted or
     not) on random windows of ``tokens``, distilling from ``teacher`` when ``cfg.kd_weight > 0``; merge them
     and return ``{"loss_first" (first step), "loss_last" (mean of the last 10 steps), "seconds", "trainable"}``.
-    The model is modified in place."""
+    The model is modified in place.
+
+    Inside a process group (a script under torchrun that called :func:`drrl.train.distributed.setup`), every
+    process must call this with the same arguments: each runs its share of every step's windows and the LoRA
+    gradients are averaged, so all processes merge the same adapters."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraModel
 
@@ -120,13 +125,15 @@ def lora_recover(model, tokens: np.ndarray, cfg: RecoveryConfig, *, teacher=None
     if teacher is not None:
         teacher.eval()
     model.train()
+    world = current_world()
+    rows = shard_rows(cfg.batch_size, world, what="the recovery batch_size")
     losses, t0 = [], time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="recover", unit="step", disable=not progress, dynamic_ncols=True):
         warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
         frac = max(step - cfg.warmup_steps, 0) / max(cfg.steps - cfg.warmup_steps, 1)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        x, y = sample_batch(tokens, cfg.batch_size, context, cfg.seed + 7919, step)
+        x, y = sample_batch(tokens, cfg.batch_size, context, cfg.seed + 7919, step, rows=rows)
         x, y = x.to(device), y.to(device)
         h = hidden(x)
         loss = linear_cross_entropy(h.flatten(0, 1).float(), head.weight.float(), y.flatten()) / y.numel()
@@ -136,10 +143,11 @@ def lora_recover(model, tokens: np.ndarray, cfg: RecoveryConfig, *, teacher=None
             loss = loss + cfg.kd_weight * kd_loss(h.flatten(0, 1), h_t.flatten(0, 1), head.weight, cfg.kd_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sum_gradients(params, world, mean=True)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(all_sum([loss.item()], world)[0] / world.size)
     merged = wrapped.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)
