@@ -277,7 +277,7 @@ def run_table(cfg: ClassifyConfig, out: str | Path, quiet: bool = False) -> dict
     t_start = time.perf_counter()
     # Under torchrun the (method, seed) fine-tunes are shared round-robin among the processes (each a
     # whole run, the cheapest way to parallelise a table of small fine-tunes); rank 0 gathers and writes.
-    world, _ = setup(cfg.device)
+    world, _ = setup(cfg.device, timeout_minutes=24 * 60)  # early finishers wait for the slowest share
     try:
         jobs = [(spec, seed) for spec in cfg.methods for seed in cfg.seeds]
         mine = {}

@@ -392,6 +392,9 @@ COMMANDS = {
 }
 
 
+DISTRIBUTED = {"train", "classify"}  # the commands that share their work among torchrun processes
+
+
 def main(argv: list[str] | None = None) -> int:
     from drrl.errors import DrrlError, Interrupted
 
@@ -402,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
+        if args.command not in DISTRIBUTED and os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+            raise DrrlError(
+                f"drrl {args.command} runs in one process; launch it without torchrun (only train and classify "
+                "use several processes)"
+            )
         return COMMANDS[args.command](args)
     except DrrlError as e:
         rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks for all, the others only if alone

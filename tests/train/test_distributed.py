@@ -229,18 +229,20 @@ def test_sigkill_at_a_random_step_then_resume_reaches_the_same_final_loss(tiny_o
     assert (killed / "metrics.jsonl").read_text().count('"final": true') == 1
 
 
-def test_hybrid_rank_policy_trains_under_ddp_with_processes_in_step(tiny_overrides_list, tmp_path):
-    """The language model and the RL rank policy train together in 2 processes; the parameters are compared
-    across processes at every step (checkpoint_every=1) and the run would stop if they ever differed."""
+@pytest.mark.parametrize("mode", ["hybrid", "policy"])
+def test_rank_policy_trains_under_ddp_with_processes_in_step(tiny_overrides_list, tmp_path, mode):
+    """The RL rank policy trains in 2 processes, beside the language model (hybrid) or alone (policy: the LM is
+    frozen, so DDP has nothing to do and PPO alone synchronises); the parameters are compared across processes
+    at every step (checkpoint_every=1) and the run would stop if they ever differed."""
     ov = _overrides(
         tiny_overrides_list,
         **{
             "model.attention": "drrl", "model.attention_kwargs.controller": "rl",
-            "model.attention_kwargs.segment": "8", "train.mode": "hybrid", "train.max_steps": "3",
+            "model.attention_kwargs.segment": "8", "train.mode": mode, "train.max_steps": "3",
             "train.checkpoint_every": "1", "train.keep_checkpoints": "1",
         },
     )  # fmt: skip
-    out = tmp_path / "hybrid"
+    out = tmp_path / mode
     _run(_train_cmd(ov, out))
     rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"rl"' in x]
     assert len(rec) == 3 and all(math.isfinite(r["rl"]["mean_reward"]) for r in rec)
@@ -266,6 +268,39 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_anywhere(tiny_overrides_lis
     shutil.copytree(step3, resumed / "checkpoints" / step3.name)
     _run(_train_cmd(ov, resumed, "--resume", nproc=1))  # a full, ordinary checkpoint
     assert _eval(resumed)["loss"] == pytest.approx(_eval(ddp)["loss"], rel=1e-5)
+    # and FSDP resumes its own checkpoint (the optimizer state is sharded again): bit for bit
+    again = tmp_path / "fsdp-then-fsdp"
+    shutil.copytree(step3, again / "checkpoints" / step3.name)
+    _run(_train_cmd([*ov, "train.distributed=fsdp"], again, "--resume"))
+    assert _eval(again)["loss"] == _eval(fsdp)["loss"]
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys, tmp_path):
+    from drrl.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["eval", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "drrl: error: drrl eval runs in one process; launch it without torchrun (only train and classify use "
+        "several processes)"
+    )
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    from drrl.train.distributed import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="would put every process on one GPU; use cuda"):
+        setup("cuda:1")
+
+
+def test_fsdp_with_a_rank_policy_is_a_config_error(tiny_overrides_list):
+    from drrl.train.config import RunConfig
+
+    sets = ["model.attention=drrl", "model.attention_kwargs.controller=rl", "train.mode=hybrid"]
+    with pytest.raises(ConfigError, match="train.distributed.*use ddp for controller=rl"):
+        RunConfig.load(None, [*tiny_overrides_list, *sets, "train.distributed=fsdp"])
 
 
 def test_sigterm_to_every_process_writes_one_checkpoint_and_the_run_resumes(tiny_overrides_list, tmp_path):

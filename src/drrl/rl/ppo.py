@@ -84,7 +84,8 @@ class PPO:
             n = len(all_adv)
             mean, std = all_adv.mean(), all_adv.std() if n > 1 else torch.tensor(1.0)
         else:
-            total, squares, n = comm.sum([all_adv.sum().item(), all_adv.square().sum().item(), len(all_adv)])
+            adv64 = all_adv.double()
+            total, squares, n = comm.sum([adv64.sum().item(), adv64.square().sum().item(), len(all_adv)])
             if n == 0:
                 return {}
             mean = total / n

@@ -86,12 +86,12 @@ class Checkpoint:
         """Restore the RNG state of training process ``rank`` (0 in a single-process run); False if the run
         that wrote the checkpoint had no such process (it resumed with more processes)."""
         rng = load_file(self.path / "rng.safetensors")
-        key = "torch" if rank == 0 else f"torch.rank{rank}"
-        if key not in rng:
+        suffix = "" if rank == 0 else f".rank{rank}"
+        if f"torch{suffix}" not in rng:
             return False
-        torch.set_rng_state(rng[key])
-        if rank == 0 and "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        torch.set_rng_state(rng[f"torch{suffix}"])
+        if f"cuda{suffix}" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[f"cuda{suffix}"])
         return True
 
 
@@ -113,11 +113,12 @@ def save_checkpoint(
     extra: dict,
     keep: int = 2,
     extra_optimizers: dict[str, torch.optim.Optimizer] | None = None,
-    rng_states: list[torch.Tensor] | None = None,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_<step>`` atomically and keep the newest ``keep`` checkpoints.
     ``optimizer`` may also be a state dict (an FSDP run's, gathered to one process). ``extra_optimizers`` (e.g. ``{"policy_optimizer": ...}``) are saved beside the main one; ``rng_states``
-    are the CPU RNG states of every training process of a distributed run (rank 0's first)."""
+    are the RNG states (``{"torch": ..., "cuda": ...}``) of every training process of a distributed run, in
+    rank order."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".step_*.tmp-*"):  # left by a killed run
@@ -130,8 +131,9 @@ def save_checkpoint(
         opt_tensors, groups = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
-        for r, state in enumerate(rng_states or []):
-            rng["torch" if r == 0 else f"torch.rank{r}"] = state
+        for r, states in enumerate(rng_states or []):
+            for kind, state in states.items():
+                rng[kind if r == 0 else f"{kind}.rank{r}"] = state
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))

@@ -134,6 +134,12 @@ class RunConfig:
             "rl needs train.mode=hybrid (language model and policy) or train.mode=policy (policy only)",
         )
         require(
+            not (rl_controller and self.train.distributed == "fsdp"),
+            "train.distributed",
+            "fsdp shards language models without a rank policy; use ddp for controller=rl (the policy is small "
+            "enough to replicate)",
+        )
+        require(
             not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),
             "model.attention_kwargs.basis",
             "must be online (the default) for training: calibrated bases are fitted to a trained model and go "

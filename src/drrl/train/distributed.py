@@ -8,15 +8,19 @@ process. A plain ``drrl train`` (no ``WORLD_SIZE``) is a world of one and uses n
 How a step is shared. The step's global batch (``batch_size × grad_accum`` windows) is drawn from
 ``(seed, step)`` exactly as in a single process; process ``r`` of ``W`` reads only its contiguous share
 of rows (:func:`shard_rows`) from the memory-mapped token file. Gradients are averaged across processes
-(DDP for the language model; the rank policy's PPO loss is normalised globally and its gradients summed), so the optimiser sees the
-gradient of the whole global batch and the run follows the single-process trajectory up to the order of
-floating-point sums: a run can resume with a different number of processes.
+(DDP for the language model; the rank policy's PPO loss is normalised globally and its gradients summed),
+so the optimiser sees the gradient of the whole global batch. With no dropout and stateless attention the
+run follows the single-process trajectory up to the order of floating-point sums; otherwise it is the
+same training with other random streams: dropout masks of rows beyond rank 0's share, drrl's running
+bases (rank 0's rows) and the policy's exploration draws differ from one process's. Either way a run can
+resume with a different number of processes.
 
 What stays identical on every process: parameters (DDP broadcasts rank 0's at the start, then every
 process applies the same averaged step), buffers such as the drrl layers' running bases and the rank
 policy's exploration generator (:func:`broadcast_state`, before each step, from rank 0). So for a given
-batch every process takes the same rank decisions. :func:`check_in_sync` compares the parameters at each
-checkpoint and stops the run with an error if processes ever diverge.
+batch every process takes the same rank decisions (the price: every process draws the same exploration
+noise for its own rows in a step). :func:`check_in_sync` compares the parameters at each checkpoint (DDP)
+and stops the run with an error if processes ever diverge.
 
 Only rank 0 writes logs, metrics and checkpoints; a checkpoint also records every process's RNG state.
 """
@@ -79,6 +83,11 @@ def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> tuple[World
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if not 0 <= rank < size:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={size}; launch with torchrun")
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"train.device={device} under torchrun would put every process on one GPU; use cuda (process i uses "
+            "GPU LOCAL_RANK i) and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if device in ("auto", "cuda") and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
@@ -89,10 +98,10 @@ def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> tuple[World
         torch.cuda.set_device(dev)
     else:
         dev = resolve_device("cpu" if device == "auto" else device)
+    if not dist.is_available():
+        raise DrrlError("this PyTorch build has no torch.distributed; install a build with it or run one process")
     owns = not dist.is_initialized()
     if owns:
-        if not dist.is_available():
-            raise DrrlError("this PyTorch build has no torch.distributed; install a build with it or run one process")
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         if dist.get_world_size() != size or dist.get_rank() != rank:
@@ -200,7 +209,8 @@ def check_in_sync(model: nn.Module, world: World, step: int) -> None:
     if not world.distributed:
         return
     with torch.no_grad():
-        digest = [sum(float(t.double().sum()) * (i + 1) for i, t in enumerate(model.parameters()))]
+        # summed on the CPU in float64, so devices of different kinds cannot disagree by reduction order
+        digest = [sum(float(t.detach().cpu().double().sum()) * (i + 1) for i, t in enumerate(model.parameters()))]
     mine = torch.tensor(digest, dtype=torch.float64, device=_comm_device())
     gathered = [torch.empty_like(mine) for _ in range(world.size)]
     dist.all_gather(gathered, mine)
@@ -212,15 +222,31 @@ def check_in_sync(model: nn.Module, world: World, step: int) -> None:
         )
 
 
-def gather_rng_states(world: World) -> list[torch.Tensor]:
-    """Every process's CPU RNG state (rank 0 gets the full list; a world of one gets its own)."""
-    mine = torch.get_rng_state()
+def gather_rng_states(world: World) -> list[dict[str, torch.Tensor]]:
+    """Every process's RNG states in rank order: ``{"torch": CPU state}``, plus ``"cuda"`` (the process's own
+    GPU) when training on GPUs (NCCL)."""
     if not world.distributed:
-        return [mine]
+        return [{"torch": torch.get_rng_state()}]
     dev = _comm_device()
-    gathered = [torch.empty_like(mine, device=dev) for _ in range(world.size)]
-    dist.all_gather(gathered, mine.to(dev))
-    return [g.cpu() for g in gathered]
+    mine = {"torch": torch.get_rng_state()}
+    if dev.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state()
+    out: list[dict] = [{} for _ in range(world.size)]
+    for key, state in mine.items():
+        gathered = [torch.empty_like(state, device=dev) for _ in range(world.size)]
+        dist.all_gather(gathered, state.to(dev))
+        for r, g in enumerate(gathered):
+            out[r][key] = g.cpu()
+    return out
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every process (picklable, passed between this run's own processes)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(obj, world: World) -> list:
@@ -260,8 +286,9 @@ def wrap(model: nn.Module, world: World, device: torch.device, strategy: str, ig
     :func:`broadcast_state`, not by DDP.
     """
     loss_module = LossModule(model)
-    if not world.distributed or not any(p.requires_grad for p in model.parameters()):
-        return loss_module
+    ignore = set(ignore)
+    if not world.distributed or not any(p.requires_grad for n, p in model.named_parameters() if n not in ignore):
+        return loss_module  # nothing for DDP to do (train.mode=policy: the LM is frozen, PPO syncs the policy)
     if strategy == "fsdp":
         from drrl.train.fsdp import shard_model
 

@@ -30,14 +30,14 @@ def _fully_shard():
     return fully_shard
 
 
+def check_fsdp() -> None:
+    """Raise the one-line error now if this torch has no FSDP2."""
+    _fully_shard()
+
+
 def shard_model(loss_module: nn.Module, device: torch.device) -> nn.Module:
     """Shard ``loss_module`` (a :class:`drrl.train.distributed.LossModule`) block by block, then at the root."""
     model = loss_module.model
-    if getattr(model, "rank_controller", None) is not None:
-        raise ConfigError(
-            "train.distributed=fsdp shards language models without a rank policy; use train.distributed=ddp "
-            "for controller=rl (the policy is small enough to replicate)"
-        )
     fully_shard = _fully_shard()
     for block in model.blocks:
         fully_shard(block)

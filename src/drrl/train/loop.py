@@ -33,6 +33,7 @@ from drrl.train.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -42,6 +43,7 @@ from drrl.train.distributed import (
     World,
     all_sum,
     barrier,
+    broadcast_object,
     broadcast_state,
     check_in_sync,
     gather_rng_states,
@@ -50,7 +52,7 @@ from drrl.train.distributed import (
     teardown,
     wrap,
 )
-from drrl.train.fsdp import clip_sharded, full_state, is_fsdp, load_optimizer_state
+from drrl.train.fsdp import check_fsdp, clip_sharded, full_state, is_fsdp, load_optimizer_state
 from drrl.utils import use_bf16, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -157,8 +159,8 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
 
     ``out`` receives ``metrics.jsonl``, ``checkpoints/step_*`` and ``eval.json``. With ``resume=True``
     the newest valid checkpoint in ``out`` is loaded and training continues exactly where it stopped
-    (bit for bit on the same kind of device and number of processes; after a CPU <-> CUDA move, or with
-    another number of processes, only up to rounding).
+    (bit for bit on the same kind of device and number of processes; after a CPU <-> CUDA move only up to
+    rounding; with another number of processes, see :mod:`drrl.train.distributed` for what changes).
 
     Under ``torchrun`` every process calls this function: they share each step's batch and average their
     gradients (see :mod:`drrl.train.distributed`); only rank 0 writes to ``out``.
@@ -201,9 +203,16 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
     for name, toks, need in (("train", train_tokens, context + 1), (cfg.eval.split, val_tokens, 2)):
         if len(toks) < need:
             raise DataError(f"corpus split {name} has {len(toks)} tokens; it needs at least {need}")
+    sharded = world.distributed and tc.distributed == "fsdp"
+    if sharded:
+        check_fsdp()  # a clear error before anything is written
     ckpt = None
     if resume:
-        ckpt = latest_checkpoint(out)
+        # rank 0 chooses (and hash-checks) the checkpoint; the others open that one
+        ckpt = latest_checkpoint(out) if world.is_main else None
+        path = broadcast_object(str(ckpt.path) if ckpt is not None else None, world)
+        if path is not None and ckpt is None:
+            ckpt = load_checkpoint(Path(path))
         if ckpt is None:
             raise CheckpointError(f"--resume: no valid checkpoint in {out}; start without --resume")
         check_resumable(ckpt, cfg, out)
@@ -211,7 +220,8 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
         raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     init = resolve_checkpoint(tc.init_from) if tc.init_from and ckpt is None else None
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
+    # FSDP moves each block to the device as it shards it: the whole model never has to fit one device
+    model = build_model(cfg.model) if sharded else build_model(cfg.model).to(device)
     rl, ppo, rl_stats = model.rank_controller, None, {}
     policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
     lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
