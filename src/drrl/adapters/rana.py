@@ -23,6 +23,7 @@ Methods:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable
@@ -421,6 +422,26 @@ def _modules_to_collect(mlps: list[MLPSite], qkvs: list[QKVSite], targets: str) 
     return mods
 
 
+def _undone_on_error(fn):
+    """Decorate ``fn(model, ...)``: if it raises, the model's submodules and training mode are put back."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        saved = [(m, dict(m._modules)) for m in model.modules()]
+        was_training = model.training
+        try:
+            return fn(model, *args, **kwargs)
+        except BaseException:
+            for m, children in saved:
+                m._modules.clear()
+                m._modules.update(children)
+            model.train(was_training)
+            raise
+
+    return wrapper
+
+
+@_undone_on_error
 def apply_rana(
     model: nn.Module,
     flops_ratio: float,
@@ -443,34 +464,6 @@ def apply_rana(
     the same model with the same calibration data (methods and ratios then refit in seconds); the caller
     owns that promise. On an error (e.g. a FLOPs ratio too small for some site) the model is left as it was.
     """
-    saved = [(m, dict(m._modules)) for m in model.modules()]  # undone if a site cannot be fitted
-    was_training = model.training
-    try:
-        return _apply_rana(model, flops_ratio, calibration, method=method, targets=targets,
-                           sample_tokens=sample_tokens, score_tokens=score_tokens, seed=seed, progress=progress,
-                           cache=cache)  # fmt: skip
-    except BaseException:
-        for m, children in saved:
-            m._modules.clear()
-            m._modules.update(children)
-        model.train(was_training)
-        raise
-
-
-def _apply_rana(
-    model: nn.Module,
-    flops_ratio: float,
-    calibration: Iterable,
-    *,
-    method: str = "rana",
-    targets: str = "mlp+qkv",
-    sample_tokens: int = 2048,
-    score_tokens: int = 512,
-    seed: int = 0,
-    progress: bool = False,
-    cache: dict | None = None,
-) -> CompressionReport:
-    """:func:`apply_rana` without the undo on error."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if targets not in TARGETS:

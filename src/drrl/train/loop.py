@@ -288,7 +288,6 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
 
     # FSDP needs the forward to go through its root (which gathers the shards) and the same number of forwards
     # on every process: each scores every window. DDP processes score every size-th window and sum.
-    sharded = is_fsdp(step_module)
     eval_module, eval_shard = (step_module, (0, 1)) if sharded else (model, (world.rank, world.size))
 
     def evaluate(max_tokens: int | None) -> dict:
