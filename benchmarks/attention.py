@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from drrl import flops
 from drrl.attention import DynamicLowRankAttention, FullAttention, RotaryEmbedding, calibrating
 from drrl.attention.drrl import LowRankKVCache
+from drrl.eval.machine import machine
 from drrl.utils import write_json_atomic
 
 
@@ -247,20 +247,6 @@ def _decode_at(args, L, device, dtype, timer) -> list[dict]:
             flush=True,
         )
     return rows
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> dict:

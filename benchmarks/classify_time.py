@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 
 import torch
@@ -22,9 +21,11 @@ from torch.utils import benchmark
 from transformers import AutoTokenizer
 
 from drrl.attention import calibrating
-from drrl.classify import SHUFFLE_SEED, ClassifyConfig, encode_sentences, length_batches
+from drrl.data.sentences import SHUFFLE_SEED, encode_sentences, length_batches
 from drrl.data.sentiment import load_sentences
+from drrl.eval.machine import machine
 from drrl.models.encoder import EncoderClassifier, minilm_dir
+from drrl.recipes.classify import ClassifyConfig
 
 
 def main() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
                 times[k].append(1e3 * t / len(test))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med.get("full", next(iter(med.values())))
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"{machine()}; "
           f"{len(test)} test batches, {args.repeats} interleaved repeats")  # fmt: skip
     print("| method | CPU ms / batch (median) | × full |\n|---|---:|---:|")
     for k, v in med.items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from drrl.eval.machine import cpu_name
 
 
 def run(variant: str, args, out: Path) -> dict:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": args.overrides,
         "steps": args.steps,
         "procs": args.procs,
-        "device": cuda or f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        "device": cuda or f"cpu ({cpu_name()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "runs": runs,
         "median_tokens_per_s": med,

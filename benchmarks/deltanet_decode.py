@@ -5,7 +5,7 @@
 
 For each batch size (sequences decoded together) the unpruned model and one pruned copy per ratio (channels
 kept: the first d' of every head; time does not depend on which, nor on the weights) decode after a 16-token
-prompt; `drrl.reduce.decode_times` times the step of the DeltaNet layers alone (q/k/v/β projections, short
+prompt; `drrl.pruning.decode_times` times the step of the DeltaNet layers alone (q/k/v/β projections, short
 convolutions, state update and readout, output norm and projection) and the whole model step (embedding,
 MLPs, LM head too), all models interleaved, medians of the repeats. Prints a table of µs per step and
 speed-ups over the unpruned model.
@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 
 import torch
 
+from drrl.eval.machine import machine
 from drrl.models import build_model
-from drrl.reduce import decode_times
+from drrl.pruning import decode_times
 from drrl.train.config import RunConfig
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         for layer in m.mixers():
             layer.slice_qk(torch.arange(d_keep).expand(layer.n_head, -1))
         models[f"{r:g}"] = m
-    print(f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; d_k {d_k}, "
+    print(f"{machine()}; d_k {d_k}, "
           f"{cfg.n_layer} layers × {cfg.n_head} heads, d_model {cfg.d_model}, vocab {cfg.vocab_size}")  # fmt: skip
     print("| batch | removed | d' | DeltaNet layers µs/step | speed-up | model µs/step | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

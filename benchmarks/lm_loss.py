@@ -10,7 +10,6 @@ torch.utils.benchmark; the table gives medians, page faults per step and the rat
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import benchmark
 
+from drrl.eval.machine import machine
 from drrl.models import GPT
 from drrl.train.config import RunConfig
 
@@ -58,7 +58,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
 
     tokens = args.batch_size * cfg.context
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32")
+    print(f"# {machine()}, fp32")
     print(
         f"# forward + backward of {args.batch_size} x {cfg.context} tokens, {args.repeats} interleaved repeats, medians"
     )

@@ -657,7 +657,7 @@ CONFIG_BYTES = st.one_of(
 def test_config_file_bytes_fuzz(tmp_path_factory, content):
     """Random bytes as a config file for RunConfig.load and ClassifyConfig.load: a valid config or one
     ConfigError line (non-UTF-8 files and malformed YAML scalars once escaped as UnicodeDecodeError/ValueError)."""
-    from drrl.classify import ClassifyConfig
+    from drrl.recipes.classify import ClassifyConfig
 
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_bytes(content)
@@ -757,7 +757,7 @@ def test_prune_ratio_that_empties_a_head(tmp_path, capsys, deltanet_run, ratio):
 
 
 def test_compress_ratio_too_small_is_a_documented_error_row(tmp_path, capsys, tiny_model_dir, text_corpus):
-    """Documented fallback (drrl.compress.run_compress): a (method, ratio) no adapter can meet becomes a row with
+    """Documented fallback (drrl.recipes.compress.run_compress): a (method, ratio) no adapter can meet becomes a row with
     "error" in the report, exit 0; nothing is saved for it."""
     out = tmp_path / "out"
     code, stdout, err = run_cli(
@@ -950,7 +950,7 @@ def test_prune_qk_on_a_model_without_deltanet_layers(tiny_run):
      ({"segment": math.inf}, "segment"), ({"basis": "nope"}, "basis")],
 )  # fmt: skip
 def test_hf_dynamic_rank_above_head_dim_leaves_the_model_usable(tiny_model_dir, overrides, needle):
-    from drrl.integrations.hf import apply_dynamic_rank, load_causal_lm
+    from drrl.integrations import apply_dynamic_rank, load_causal_lm
 
     model, _ = load_causal_lm(tiny_model_dir)
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))

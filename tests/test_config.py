@@ -91,7 +91,7 @@ def test_run_config_roundtrip_and_cross_checks(tmp_path):
 )
 def test_every_shipped_config_is_valid(path):
     if "methods" in load_yaml(path):  # a classification table (drrl classify)
-        from drrl.classify import ClassifyConfig
+        from drrl.recipes.classify import ClassifyConfig
 
         cfg = ClassifyConfig.load(path)
         names = [m.method for m in cfg.methods]

@@ -57,7 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = argparse.ArgumentParser(add_help=False)  # so that `drrl train -q ...` works too
     quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_train,
+        _add_eval,
+        _add_data,
+        _add_plot,
+        _add_demo,
+        _add_classify,
+        _add_compress,
+        _add_prune,
+        _add_info,
+    ):
+        add(sub, quiet)
+    return p
 
+
+def _add_train(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl train``."""
     t = sub.add_parser(
         "train",
         parents=[quiet],
@@ -75,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.max_steps=50 (repeatable)")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
 
+
+def _add_eval(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl eval``."""
     e = sub.add_parser(
         "eval", parents=[quiet], help="perplexity of a trained run or checkpoint", description="Evaluate perplexity."
     )
@@ -91,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--out", help="also write the result as JSON to this file")
 
+
+def _add_data(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl data``."""
     d = sub.add_parser("data", parents=[quiet], help="corpus utilities", description="Corpus utilities.")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     dp = dsub.add_parser(
@@ -102,12 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("corpus", help="shakespeare | text:PATH | wikitext-2 | wikitext-103 | wikitext-2:DIR")
     dp.add_argument("--tokenizer", default="gpt2", help="gpt2 or hf:NAME_OR_DIR (default: gpt2)")
 
+
+def _add_plot(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl plot``."""
     pl = sub.add_parser(
         "plot", parents=[quiet], help="loss and perplexity curves of a run as PNG", description="Plot a run's curves."
     )
     pl.add_argument("run_dir", help="run folder with metrics.jsonl")
     pl.add_argument("--out", help="PNG file (default: RUN_DIR/curves.png)")
 
+
+def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl demo``."""
     dm = sub.add_parser(
         "demo",
         parents=[quiet],
@@ -139,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a one-minute smoke run (sets context 256, segment 64, 2 windows, 2 PPO steps, overriding those options)",
     )
 
+
+def _add_classify(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl classify``."""
     c = sub.add_parser(
         "classify",
         parents=[quiet],
@@ -152,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set quick=true or --set seeds=[0] (repeatable)")  # fmt: skip
 
+
+def _add_compress(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl compress``."""
     cp = sub.add_parser(
         "compress",
         parents=[quiet],
@@ -192,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a smoke run: context 128, 2 calibration and 2 evaluation windows (encoders: 64 sentences "
                     "each), small samples, 1 timing repeat")  # fmt: skip
 
+
+def _add_prune(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl prune``."""
     pr = sub.add_parser(
         "prune",
         parents=[quiet],
@@ -221,13 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-save", action="store_true", help="do not write the pruned models")
     pr.add_argument("--out", default="runs/prune", help="output folder (default: runs/prune)")
 
+
+def _add_info(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl info``."""
     sub.add_parser(
         "info",
         parents=[quiet],
         help="versions, device and installed offline assets",
         description="Show the environment.",
     )
-    return p
 
 
 def cmd_train(args) -> int:
@@ -266,14 +305,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from drrl.plot import plot_run
+    from drrl.eval.plots import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from drrl.demo import DemoConfig, render_table, run_demo
+    from drrl.recipes.demo import DemoConfig, render_table, run_demo
 
     kw = dict(model=args.model, corpus=args.corpus, context=args.context, segment=args.segment,
               eval_windows=args.windows, calib_windows=args.calib_windows, policy_steps=args.policy_steps,
@@ -291,7 +330,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from drrl.classify import ClassifyConfig, render_table, run_table
+    from drrl.recipes.classify import ClassifyConfig, render_table, run_table
 
     cfg = ClassifyConfig.load(args.config, args.overrides)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -305,7 +344,7 @@ def cmd_classify(args) -> int:
 
 def cmd_compress(args) -> int:
     from drrl.adapters import METHODS
-    from drrl.compress import CompressConfig, render_table, run_compress
+    from drrl.recipes.compress import CompressConfig, render_table, run_compress
 
     methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
     kw = dict(methods=methods, flops_ratios=list(args.flops_ratio), model=args.model, targets=args.targets,
@@ -327,10 +366,10 @@ def cmd_compress(args) -> int:
 
 def cmd_prune(args) -> int:
     from drrl.config import from_dict
-    from drrl.pruning import SELECTORS
-    from drrl.reduce import PruneConfig, report_markdown, run_prune
+    from drrl.pruning import available_selectors
+    from drrl.recipes.prune import PruneConfig, report_markdown, run_prune
 
-    sels = list(SELECTORS) if args.selector == "all" else [x.strip() for x in args.selector.split(",") if x.strip()]
+    sels = list(available_selectors()) if args.selector == "all" else [x.strip() for x in args.selector.split(",") if x.strip()]
     cfg = from_dict(
         PruneConfig,
         dict(selectors=sels, ratios=list(args.ratio), calibration=args.calibration, split=args.split,

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from drrl.adapters import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedBasis, SharedRankSlice
-from drrl.linalg.rana import data_aware_basis
+from drrl.linalg.adaptive_lowrank import data_aware_basis
 
 
 def _fitted(d_out=24, d_in=16, n=256, seed=0):

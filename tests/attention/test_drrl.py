@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from drrl import flops
 from drrl.attention import DynamicLowRankAttention, calibrating
-from drrl.attention import drrl as drrl_mod
 from drrl.attention.drrl import attend_offset, kernel_path, naive_lowrank_attention
+from drrl.attention.drrl import kernels as drrl_kernels
 from drrl.attention.full import naive_attention
 from drrl.config import FieldError
 from drrl.linalg import gram, lowrank_score_maps
@@ -156,7 +156,7 @@ def test_cpu_runs_sdpa_at_full_width_with_the_original_scale(monkeypatch):
         seen.append((q.shape[-1], k.shape[-1], kw.get("scale")))
         return real(q, k, v, **kw)
 
-    monkeypatch.setattr(drrl_mod.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(drrl_kernels.F, "scaled_dot_product_attention", spy)
     m = calibrate(make("calibrated", "fixed"))
     seen.clear()
     m.attend(*qkv())

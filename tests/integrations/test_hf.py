@@ -10,9 +10,9 @@ from drrl.integrations.hf import (
     apply_dynamic_rank,
     attention_modules,
     cache_bytes_per_token,
-    load_causal_lm,
     remove_dynamic_rank,
 )
+from drrl.integrations.hub import load_causal_lm
 
 
 def tiny_llama(seed=0):

@@ -1,4 +1,5 @@
-"""prune_qk on DeltaNet models: calibration, slicing, the PCA rotation, config updates, export and reload."""
+"""prune_qk on DeltaNet models: calibration, slicing, the PCA rotation, config updates, export and reload; the
+selector registry drives prune_qk and drrl prune's config; the state-rank and decode-time measurements."""
 
 from __future__ import annotations
 
@@ -7,8 +8,22 @@ import copy
 import pytest
 import torch
 
+from drrl.errors import ConfigError
 from drrl.models import GPTConfig, build_model
-from drrl.pruning import SELECTORS, calibrate, prune_qk, rotate_qk, select_l1
+from drrl.pruning import (
+    SELECTORS,
+    SelectorInputs,
+    available_selectors,
+    calibrate,
+    decode_times,
+    prune_qk,
+    register_selector,
+    rotate_qk,
+    select_l1,
+    state_ranks,
+    unregister_selector,
+)
+from drrl.recipes.prune import PruneConfig
 
 AXIS = [s for s in SELECTORS if s != "pca"]
 
@@ -149,3 +164,57 @@ def test_errors(model_and_cal):
     gpt = build_model(GPTConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, context=16))
     with pytest.raises(ValueError, match="no DeltaNet layers"):
         prune_qk(gpt, 0.5, "l1", [])
+
+
+def test_one_registration_drives_prune_qk_and_the_prune_config():
+    """A selector registered by a test is listed, accepted by PruneConfig and dispatched by prune_qk (with the
+    calibration it asks for); unregistered, it is gone everywhere."""
+    import drrl.pruning
+
+    m = _model()
+    seen = []
+
+    @register_selector("first", needs=("rms",))
+    def first(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+        seen.append((x.x_rms.shape, len(x.calibration.q)))
+        return torch.arange(d_keep).expand(x.n_head, -1)
+
+    @register_selector("first-rotated", rotates=True)
+    def first_rotated(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.eye(x.d_k, dtype=torch.float64)[:d_keep].expand(x.n_head, -1, -1)
+
+    try:
+        assert drrl.pruning.SELECTORS == (*SELECTORS, "first", "first-rotated") == available_selectors()
+        assert PruneConfig(selectors=["first", "drrqr", "first-rotated"]).selectors[0] == "first"
+        sliced, rotated = copy.deepcopy(m), copy.deepcopy(m)
+        info = prune_qk(sliced, 0.5, "first", _batches())  # raw batches: calibrates what "first" needs only
+        assert seen == [((32,), 0), ((32,), 0)]  # rms for both layers, no activations
+        assert info["kept"] == [[[0, 1, 2, 3]] * 2] * 2
+        assert prune_qk(rotated, 0.5, "first-rotated", [])["kept"] == [None, None]
+        x = _batches(1, seed=5)[0]
+        torch.testing.assert_close(rotated(x), sliced(x), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="already registered"):
+            register_selector("first")(first)
+    finally:
+        unregister_selector("first")
+        unregister_selector("first-rotated")
+    assert drrl.pruning.SELECTORS == SELECTORS == ("random", "l1", "wanda", "taylor", "pca", "drrqr")
+    with pytest.raises(ConfigError, match="selectors must be among random, l1, wanda, taylor, pca, drrqr"):
+        PruneConfig(selectors=["first"])
+    with pytest.raises(ValueError, match="unknown selector 'first'"):
+        prune_qk(copy.deepcopy(m), 0.5, "first", [])
+    with pytest.raises(ValueError, match="unknown calibration"):
+        register_selector("x", needs=("everything",))
+
+
+def test_state_ranks_and_decode_times(model_and_cal):
+    m, cal = model_and_cal
+    ranks = state_ranks(m, _batches(1, length=20)[0][:, :16])
+    assert ranks["utilisation"].shape == ranks["effective_rank"].shape == (2, 2, 16)  # (L, H, T)
+    assert 0 < ranks["mean"] <= 1 and ranks["mean"] == pytest.approx(float(ranks["utilisation"].mean()))
+    dense = copy.deepcopy(m).float()  # decode_times feeds float32 inputs
+    pruned = copy.deepcopy(dense)
+    prune_qk(pruned, 0.5, "l1", cal)
+    t = decode_times({"dense": dense, "pruned": pruned}, batch=2, repeats=1)
+    assert set(t) == {"dense", "pruned"} and all(set(v) == {"mixers", "model"} for v in t.values())
+    assert all(s > 0 for v in t.values() for s in v.values())

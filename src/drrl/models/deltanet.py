@@ -12,40 +12,16 @@ the chunked form; :meth:`DeltaNetLM.prefill` and :meth:`DeltaNetLM.step` decode 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drrl.config import require
 from drrl.linear_attention.layers import DeltaNet
+from drrl.models.config import DeltaNetConfig, GPTConfig
 from drrl.models.lm import CausalLM
 
-if TYPE_CHECKING:
-    from drrl.models.gpt import GPTConfig
-
-
-@dataclass
-class DeltaNetConfig:
-    """The ``model.deltanet`` section (used when ``model.kind`` is deltanet)."""
-
-    head_k_dim: int | None = None  # d_k, the state's rows per head (what Q/K pruning shrinks); None = d_model/n_head
-    head_v_dim: int | None = None  # d_v; None = d_model / n_head
-    conv_size: int = 4  # kernel of the short causal convolutions on q, k, v
-    gated: bool = False  # Gated DeltaNet: decay α_t and an output gate
-    chunk_size: int = 64  # tokens per chunk of the training form
-    qk_scale: float | None = None  # readout scale; None = head_k_dim^-1/2 (a pruned model keeps its original one)
-
-    def __post_init__(self):
-        for name in ("head_k_dim", "head_v_dim"):
-            v = getattr(self, name)
-            require(v is None or v > 0, name, f"must be a positive integer or null, got {v}")
-        for name in ("conv_size", "chunk_size"):
-            v = getattr(self, name)
-            require(v > 0, name, f"must be a positive integer, got {v}")
-        require(self.qk_scale is None or self.qk_scale > 0, "qk_scale", f"must be > 0 or null, got {self.qk_scale}")
+__all__ = ["DeltaNetBlock", "DeltaNetConfig", "DeltaNetLM", "SwiGLU"]
 
 
 def _mlp_width(cfg: GPTConfig) -> int:

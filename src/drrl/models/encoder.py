@@ -27,10 +27,9 @@ from torch import nn
 
 from drrl.attention import build_attention
 from drrl.config import require
+from drrl.controllers import attach_controller
 from drrl.errors import DrrlError
-from drrl.models.gpt import validate_attention
-from drrl.rl.controllers import RLController
-from drrl.rl.policy import RankPolicy
+from drrl.models.config import validate_attention
 from drrl.utils import package_dir
 
 
@@ -91,13 +90,8 @@ class EncoderClassifier(nn.Module):
             layer.attn.layer_idx = i
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
         self.apply(self._init)
-        self.rank_controller = None
-        if cfg.attention == "drrl" and cfg.attention_kwargs.get("controller") == "rl":
-            # one rank policy shared by the layers, as in drrl.models.GPT (trained by drrl.classify with PPO)
-            nb = len(self.layers[0].attn.buckets)
-            self.rank_controller = RLController(RankPolicy(RLController.n_features(nb), nb, cfg.n_layer))
-            for layer in self.layers:
-                layer.attn.set_controller(self.rank_controller)
+        # one rank policy shared by the layers, as in drrl.models.GPT (trained by drrl classify with PPO)
+        self.rank_controller = attach_controller(layer.attn for layer in self.layers)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

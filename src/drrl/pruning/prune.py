@@ -25,19 +25,15 @@ import torch
 from torch import nn
 
 from drrl.linear_attention.layers import DeltaNet
-from drrl.pruning.selectors import (
-    SELECTORS,
-    check_keep,
-    pca_rotation,
-    select_drrqr,
-    select_l1,
-    select_random,
-    select_taylor,
-    select_wanda,
-)
+from drrl.pruning.selectors import SelectorInputs, available_selectors, check_keep, get_selector
 
 log = logging.getLogger(__name__)
-NEEDS = {"random": (), "l1": (), "wanda": ("rms",), "taylor": ("grads",), "pca": ("acts",), "drrqr": ("acts",)}
+
+
+def __getattr__(name: str):
+    if name == "NEEDS":  # {selector: the calibration it reads}, from the registry
+        return {s: get_selector(s).needs for s in available_selectors()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -134,10 +130,6 @@ def calibrate(
     return cal
 
 
-def _acts(c: LayerCalibration) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat(c.q), torch.cat(c.k)
-
-
 def rotate_qk(layer: DeltaNet, t: torch.Tensor) -> None:
     """PCA baseline: W_q,h ← T_h W_q,h and W_k,h ← T_h W_k,h for T (H, d', d_k); conv kernels mixed by T²."""
     n_head, d_keep, d_k = t.shape
@@ -157,21 +149,11 @@ def rotate_qk(layer: DeltaNet, t: torch.Tensor) -> None:
 def select_channels(
     layer: DeltaNet, c: LayerCalibration, selector: str, d_keep: int, *, generator: torch.Generator, rows: int
 ) -> torch.Tensor:
-    """Kept channels (H, d') of one layer by ``selector`` (not ``pca``)."""
-    h, d_k = layer.n_head, layer.head_k_dim
-    wq, wk = layer.q_proj.weight.detach().float().cpu(), layer.k_proj.weight.detach().float().cpu()
-    if selector == "random":
-        return select_random(h, d_k, d_keep, generator=generator)
-    if selector == "l1":
-        return select_l1(wq, wk, h, d_keep)
-    if selector == "wanda":
-        return select_wanda(wq, wk, (c.sq_sum / max(c.tokens, 1)).sqrt(), h, d_keep)
-    if selector == "taylor":
-        return select_taylor(wq, c.gq.float().cpu(), wk, c.gk.float().cpu(), h, d_keep)
-    if selector == "drrqr":
-        q, k = _acts(c)
-        return select_drrqr(q, k, d_keep, rows=rows, generator=generator)
-    raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+    """Kept channels (H, d') of one layer by the registered ``selector`` (not a rotation such as ``pca``)."""
+    spec = get_selector(selector)
+    if spec.rotates:
+        raise ValueError(f"selector {selector!r} rotates rather than selects; prune_qk applies it")
+    return spec.fn(SelectorInputs(layer, c, rows=rows), d_keep, generator)
 
 
 def prune_qk(
@@ -188,8 +170,7 @@ def prune_qk(
     ``calibration``: token batches (B, T + 1) or the output of :func:`calibrate` (reused across selectors and
     ratios). Returns ``{"selector", "ratio", "d_k", "d_keep", "kept": [(H, d') lists per layer]}``; updates
     ``model.cfg.deltanet`` (head_k_dim, qk_scale) when the model has one."""
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {', '.join(SELECTORS)}")
+    spec = get_selector(selector)  # ValueError when it is not registered
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of q/k channels removed), got {ratio}")
     layers = mixers(model)
@@ -200,26 +181,22 @@ def prune_qk(
     check_keep(d_k, d_keep)
     cal = calibration
     if not cal or not isinstance(cal[0], LayerCalibration):
-        cal = calibrate(model, calibration, NEEDS[selector], rows=rows, seed=seed) if NEEDS[selector] else None
+        cal = calibrate(model, calibration, spec.needs, rows=rows, seed=seed) if spec.needs else None
     g = torch.Generator().manual_seed(seed)
     scale = layers[0].scale
     kept = []
     for i, layer in enumerate(layers):
         c = cal[i] if cal is not None else LayerCalibration()
         missing = {"acts": not c.q, "rms": c.sq_sum is None, "grads": c.gq is None}
-        if any(missing[n] for n in NEEDS[selector]):
-            raise ValueError(
-                f"selector {selector} needs calibration {NEEDS[selector]}; pass it to calibrate(needs=...)"
-            )
-        if selector == "pca":
-            q, k = _acts(c)
-            t = pca_rotation(q, k, d_keep)
-            rotate_qk(layer, t)
+        if any(missing[n] for n in spec.needs):
+            raise ValueError(f"selector {selector} needs calibration {spec.needs}; pass it to calibrate(needs=...)")
+        out = spec.fn(SelectorInputs(layer, c, rows=rows), d_keep, g)
+        if spec.rotates:
+            rotate_qk(layer, out)
             kept.append(None)
         else:
-            idx = select_channels(layer, c, selector, d_keep, generator=g, rows=rows)
-            layer.slice_qk(idx)
-            kept.append(idx.tolist())
+            layer.slice_qk(out)
+            kept.append(out.tolist())
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "deltanet"):  # a new config object: the teacher may share the old one
         model.cfg = replace(cfg, deltanet=replace(cfg.deltanet, head_k_dim=d_keep, qk_scale=scale))

@@ -13,19 +13,27 @@ per head keeps q·k in a common basis, and slicing commutes with the depthwise c
   ones plus a residual of size ≈ σ_{d_keep+1}(M).
 
 Score ties go to the lower channel index. :func:`pca_rotation` is the rotation baseline (not axis-aligned).
+
+The registry (end of this file) names the selectors :func:`drrl.pruning.prune_qk`, ``drrl prune`` and its
+config accept, in the order ``SELECTORS`` lists them; a new selector is one registered function:
+
+    @register_selector("mine", needs=("acts",))  # calibration it reads: acts, rms, grads
+    def _mine(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+        return top_channels(x.q_act.abs().mean(0) + x.k_act.abs().mean(0), d_keep)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from drrl.linalg.rrqr import strong_rrqr
 
 log = logging.getLogger(__name__)
-
-SELECTORS = ("random", "l1", "wanda", "taylor", "pca", "drrqr")
 
 
 def check_keep(d_k: int, d_keep: int) -> None:
@@ -170,3 +178,142 @@ def pca_rotation(q_act: torch.Tensor, k_act: torch.Tensor, d_keep: int, *, use_q
     peak = t.gather(-1, t.abs().argmax(-1, keepdim=True))
     t = t * torch.where(peak < 0, -1.0, 1.0)
     return t.to(k_act.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+
+CALIBRATION = ("acts", "rms", "grads")  # what drrl.pruning.calibrate can record
+
+
+class SelectorInputs:
+    """One DeltaNet layer as a registered selector sees it, each tensor computed when first read.
+
+    ``layer``: anything with ``q_proj``, ``k_proj`` (weights (H·d_k, D)), ``n_head`` and ``head_k_dim``;
+    ``calibration``: its :class:`drrl.pruning.LayerCalibration` (``q``, ``k``, ``sq_sum``, ``tokens``, ``gq``,
+    ``gk``); ``rows``: the activation rows a DRRQR-like selector may sample per head."""
+
+    def __init__(self, layer, calibration, *, rows: int = 5000):
+        self.layer, self.calibration, self.rows = layer, calibration, rows
+        self.n_head, self.d_k = layer.n_head, layer.head_k_dim
+
+    @cached_property
+    def wq(self) -> torch.Tensor:  # (H·d_k, D), float32 on the CPU
+        return self.layer.q_proj.weight.detach().float().cpu()
+
+    @cached_property
+    def wk(self) -> torch.Tensor:
+        return self.layer.k_proj.weight.detach().float().cpu()
+
+    @cached_property
+    def q_act(self) -> torch.Tensor:  # (N, H, d_k) calibrated post-conv queries ("acts")
+        return torch.cat(self.calibration.q)
+
+    @cached_property
+    def k_act(self) -> torch.Tensor:
+        return torch.cat(self.calibration.k)
+
+    @cached_property
+    def x_rms(self) -> torch.Tensor:  # (D,) RMS of the mixer input over calibration tokens ("rms")
+        c = self.calibration
+        return (c.sq_sum / max(c.tokens, 1)).sqrt()
+
+    @cached_property
+    def gq(self) -> torch.Tensor:  # (H·d_k, D) accumulated ∂L/∂W_q ("grads")
+        return self.calibration.gq.float().cpu()
+
+    @cached_property
+    def gk(self) -> torch.Tensor:
+        return self.calibration.gk.float().cpu()
+
+
+SelectorFn = Callable[[SelectorInputs, int, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A registered selector: ``fn(inputs, d_keep, generator)`` returns the kept channels idx (H, d_keep), or
+    with ``rotates`` a rotation T (H, d_keep, d_k) (:func:`drrl.pruning.rotate_qk`); ``needs``: the
+    calibration it reads."""
+
+    name: str
+    fn: SelectorFn
+    needs: tuple[str, ...] = ()
+    rotates: bool = False
+
+
+_REGISTRY: dict[str, Selector] = {}
+
+
+def register_selector(
+    name: str, *, needs: tuple[str, ...] = (), rotates: bool = False
+) -> Callable[[SelectorFn], SelectorFn]:
+    """Decorator: register ``fn(inputs: SelectorInputs, d_keep, generator)`` as selector ``name`` (appended to
+    ``SELECTORS``), reading the calibration ``needs`` (of ``acts``, ``rms``, ``grads``)."""
+    bad = [n for n in needs if n not in CALIBRATION]
+    if bad:
+        raise ValueError(f"selector {name!r} needs unknown calibration {bad}; choose from {', '.join(CALIBRATION)}")
+
+    def register(fn: SelectorFn) -> SelectorFn:
+        if name in _REGISTRY:
+            raise ValueError(f"selector {name!r} is already registered")
+        _REGISTRY[name] = Selector(name, fn, tuple(needs), rotates)
+        return fn
+
+    return register
+
+
+def unregister_selector(name: str) -> None:
+    """Remove selector ``name`` from the registry (a test's or a plugin's)."""
+    get_selector(name)
+    del _REGISTRY[name]
+
+
+def available_selectors() -> tuple[str, ...]:
+    """The registered selector names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_selector(name: str) -> Selector:
+    """The registered selector ``name``; ValueError if there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown selector {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def __getattr__(name: str):
+    if name == "SELECTORS":  # the registered names now, a tuple
+        return available_selectors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The built-in selectors, in the order SELECTORS lists them (drrl prune --selector all runs them in it).
+
+
+@register_selector("random")
+def _random(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return select_random(x.n_head, x.d_k, d_keep, generator=generator)
+
+
+@register_selector("l1")
+def _l1(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return select_l1(x.wq, x.wk, x.n_head, d_keep)
+
+
+@register_selector("wanda", needs=("rms",))
+def _wanda(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return select_wanda(x.wq, x.wk, x.x_rms, x.n_head, d_keep)
+
+
+@register_selector("taylor", needs=("grads",))
+def _taylor(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return select_taylor(x.wq, x.gq, x.wk, x.gk, x.n_head, d_keep)
+
+
+@register_selector("pca", needs=("acts",), rotates=True)
+def _pca(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return pca_rotation(x.q_act, x.k_act, d_keep)
+
+
+@register_selector("drrqr", needs=("acts",))
+def _drrqr(x: SelectorInputs, d_keep: int, generator: torch.Generator) -> torch.Tensor:
+    return select_drrqr(x.q_act, x.k_act, d_keep, rows=x.rows, generator=generator)

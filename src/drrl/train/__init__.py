@@ -1,4 +1,5 @@
-"""Training: configs, the loop, checkpoints."""
+"""Training: the run config, the language-model loop (with the rank policy beside it through
+:class:`drrl.rl.PolicyTrainer`), checkpoints, torchrun data parallelism (DDP/FSDP) and LoRA recovery."""
 
 from drrl.train.checkpoint import (
     Checkpoint,

@@ -8,8 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 from drrl.config import apply_overrides, from_dict, load_yaml, require, to_dict
+from drrl.controllers import controller_class
 from drrl.eval.perplexity import EvalConfig
-from drrl.models.gpt import GPTConfig
+from drrl.models.config import GPTConfig
+from drrl.rl.config import RLConfig
+
+__all__ = ["DataConfig", "EvalConfig", "GPTConfig", "RLConfig", "RunConfig", "TrainConfig"]
 
 
 @dataclass
@@ -72,34 +76,6 @@ class TrainConfig:
 
 
 @dataclass
-class RLConfig:
-    """The rank policy's training (``train.mode`` hybrid or policy; ``model.attention_kwargs.controller: rl``)."""
-
-    lr: float = 3e-4  # the policy's own AdamW
-    loss_weight: float = 0.1  # λ in L_total = L_LM + λ·L_RL (hybrid); scales the policy's Adam step
-    clip: float = 0.2  # PPO ratio clipping
-    discount: float = 0.99  # across the decisions of a forward pass
-    gae_lambda: float = 0.95
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    epochs: int = 4  # PPO passes per training step
-    alpha: float = 1.0  # reward: α·fidelity − β·cost/cost_full − γ·bound
-    beta: float = 0.05
-    gamma: float = 0.1
-    eps_start: float = 0.1  # ε-greedy exploration, linear over eps_decay_steps policy updates
-    eps_end: float = 0.0
-    eps_decay_steps: int = 1000
-
-    def __post_init__(self):
-        for name in ("lr", "clip", "epochs", "eps_decay_steps"):
-            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("loss_weight", "value_coef", "entropy_coef", "alpha", "beta", "gamma"):
-            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("discount", "gae_lambda", "eps_start", "eps_end"):
-            require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
-
-
-@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -122,7 +98,7 @@ class RunConfig:
                 f"must be <= the eval context ({window}), got {self.eval.stride}",
             )
 
-        rl_controller = self.model.attention == "drrl" and self.model.attention_kwargs.get("controller") == "rl"
+        rl_controller = self._learned_controller()
         require(
             rl_controller or self.train.mode == "lm",
             "train.mode",
@@ -131,7 +107,8 @@ class RunConfig:
         require(
             not rl_controller or self.train.mode != "lm",
             "model.attention_kwargs.controller",
-            "rl needs train.mode=hybrid (language model and policy) or train.mode=policy (policy only)",
+            f"{self.model.attention_kwargs.get('controller')} needs train.mode=hybrid (language model and policy) or "
+            "train.mode=policy (policy only)",
         )
         require(
             not (rl_controller and self.train.distributed == "fsdp"),
@@ -145,6 +122,16 @@ class RunConfig:
             "must be online (the default) for training: calibrated bases are fitted to a trained model and go "
             "stale while it trains; calibrate after training (drrl.attention.calibrating)",
         )
+
+    def _learned_controller(self) -> bool:
+        """Whether the model's attention picks its ranks with a controller that learns (the registry says so)."""
+        name = self.model.attention_kwargs.get("controller")
+        if not isinstance(name, str):
+            return False
+        try:
+            return controller_class(name).learns
+        except ValueError:  # the attention's own check has reported it already
+            return False
 
     def to_dict(self) -> dict:
         return to_dict(self)

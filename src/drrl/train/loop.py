@@ -6,36 +6,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_model
-from tqdm.auto import tqdm
 
 from drrl.data.tokenizer import check_vocab, get_tokenizer
 from drrl.data.tokens import load_tokens, sample_batch
-from drrl.errors import CheckpointError, ConfigError, DataError, DrrlError, Interrupted
+from drrl.errors import DataError, DrrlError, Interrupted
 from drrl.eval.perplexity import evaluate_lm
 from drrl.models.gpt import build_model
-from drrl.rl.policy import EpsilonSchedule
-from drrl.rl.ppo import PPO, PPOConfig
-from drrl.rl.reward import RewardConfig
+from drrl.progress import progress as progress_bar
+from drrl.rl.trainer import PolicyTrainer
 from drrl.train.checkpoint import (
-    Checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     resolve_checkpoint,
-    save_checkpoint,
 )
 from drrl.train.config import RunConfig
 from drrl.train.distributed import (
@@ -43,24 +32,26 @@ from drrl.train.distributed import (
     World,
     all_sum,
     barrier,
-    broadcast_object,
     broadcast_state,
-    check_in_sync,
-    gather_rng_states,
     setup,
     shard_rows,
     teardown,
     wrap,
 )
-from drrl.train.fsdp import check_fsdp, clip_sharded, full_state, is_fsdp, load_optimizer_state
-from drrl.utils import use_bf16, write_json_atomic, write_text_atomic
+from drrl.train.fsdp import check_fsdp, clip_sharded, is_fsdp, load_optimizer_state
+from drrl.train.resume import (  # noqa: F401  (check_resumable, load_weights: public names of this module before)
+    RESUMABLE_TRAIN_KEYS,
+    _append_metrics,
+    _checkpoint,
+    _open_run,
+    _restore,
+    check_resumable,
+    load_weights,
+    prepare_out_dir,
+)
+from drrl.utils import use_bf16, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-# Settings that may change when a run is resumed; every other key fixes the trajectory.
-RESUMABLE_TRAIN_KEYS = {
-    "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "threads", "distributed",
-}  # fmt: skip
 
 
 def lr_at(step: int, cfg) -> float:
@@ -79,69 +70,6 @@ def build_optimizer(model: torch.nn.Module, cfg, exclude: set[int] = frozenset()
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out`` and prove it is writable before any work is done."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise DrrlError(f"cannot write to output directory {out} ({e.strerror}); choose a writable --out") from None
-
-
-def check_resumable(ckpt: Checkpoint, cfg: RunConfig, out: Path) -> None:
-    """A resumed run must follow the same trajectory: only logging/eval/checkpoint cadence and devices may change."""
-    old, new = ckpt.config, cfg.to_dict()
-    sections = ("model", "data", "rl") if cfg.train.mode != "lm" else ("model", "data")
-    changed = [f"{s}.{k}" for s in sections for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-    changed += [
-        f"train.{k}" for k in new["train"] if k not in RESUMABLE_TRAIN_KEYS and old["train"].get(k) != new["train"][k]
-    ]
-    if changed:
-        what = "the model section" if changed[0].startswith("model.") else changed[0]
-        raise ConfigError(
-            f"--resume: {what} differs from the checkpoint in {out} ({', '.join(changed[:4])}); keep it unchanged "
-            "or start a new run in another --out"
-        )
-
-
-def load_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
-    """Initialise ``model`` from a checkpoint of another run (``train.init_from``). Attention extras the source
-    lacks (drrl bases, the rank policy) keep their fresh values; anything else must match exactly."""
-    try:
-        missing, unexpected = load_model(model, ckpt.path / "model.safetensors", strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f"train.init_from: {ckpt.path} does not fit the model ({e}); check model.*") from None
-    missing = [k for k in missing if ".attn." not in k and not k.startswith("rank_controller.")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"train.init_from: {ckpt.path} does not fit the model (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}); use a run with the same model.* sizes"
-        )
-    log.info("initialised the model from %s", ckpt.path)
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, keep only lines logged up to the checkpoint (a line cut by a crash is dropped)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("step", 0) <= step and not rec.get("final"):
-            keep.append(line + "\n")
-    write_text_atomic(path, "".join(keep))
 
 
 def _catch_sigterm():
@@ -187,12 +115,11 @@ def _load_data(cfg: RunConfig, world: World):
     return tok, train_tokens, val_tokens
 
 
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    # Dropout streams of processes other than rank 0 (rank 0 keeps the single-process stream).
-    return int(np.random.SeedSequence([seed, rank, step, 0x5EED]).generate_state(1)[0])
-
-
 def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, resume: bool, progress: bool) -> dict:
+    """The run, in order: data, checkpoint to resume, model and policy trainer, state restored, wrapping, then the
+    step loop with its logging, evaluation and checkpoint cadence. It stays one function (about 120 lines)
+    because the loop shares a dozen pieces of state (bar, timers, signal flag, evaluation closure) whose
+    passing around would be harder to read than the loop; each step's work is in :func:`_train_step`."""
     tc = cfg.train
     # Everything that can fail on bad input happens before the output folder is touched.
     global_rows = tc.batch_size * tc.grad_accum  # windows per optimizer step, over all processes
@@ -206,65 +133,21 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
     sharded = world.distributed and tc.distributed == "fsdp"
     if sharded:
         check_fsdp()  # a clear error before anything is written
-    ckpt = None
-    if resume:
-        # rank 0 chooses (and hash-checks) the checkpoint; the others open that one
-        ckpt = latest_checkpoint(out) if world.is_main else None
-        path = broadcast_object(str(ckpt.path) if ckpt is not None else None, world)
-        if path is not None and ckpt is None:
-            ckpt = load_checkpoint(Path(path))
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no valid checkpoint in {out}; start without --resume")
-        check_resumable(ckpt, cfg, out)
-    elif list_checkpoints(out):
-        raise DrrlError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    ckpt = _open_run(out, cfg, world, resume)
     init = resolve_checkpoint(tc.init_from) if tc.init_from and ckpt is None else None
     torch.manual_seed(tc.seed)
     # FSDP moves each block to the device as it shards it: the whole model never has to fit one device
     model = build_model(cfg.model) if sharded else build_model(cfg.model).to(device)
-    rl, ppo, rl_stats = model.rank_controller, None, {}
+    rl = model.rank_controller
     policy_ids = {id(p) for p in rl.parameters()} if rl is not None else set()
-    lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
     if init is not None:
         load_weights(model, init)
-    if rl is not None:  # the rank policy learns beside (hybrid) or instead of (policy) the language model
-        rc = cfg.rl
-        rl.reward_cfg = RewardConfig(rc.alpha, rc.beta, rc.gamma)
-        rl.epsilon = EpsilonSchedule(rc.eps_start, rc.eps_end, rc.eps_decay_steps)
-        rl.generator.manual_seed(tc.seed)
-        ppo = PPO(
-            rl.policy,
-            PPOConfig(rc.lr, rc.clip, rc.discount, rc.gae_lambda, rc.value_coef, rc.entropy_coef, rc.epochs),
-            comm=Collectives(world) if world.distributed else None,
-        )
-        if tc.mode == "policy":
-            for p in lm_params:
-                p.requires_grad_(False)
+    trainer = _policy_trainer(model, cfg, world, policy_ids)
     if world.is_main:
         prepare_out_dir(out)
 
-    start = 0
     metrics_path = out / "metrics.jsonl"
-    if ckpt is not None:
-        ckpt.load_model(model)
-        start = int(ckpt.state["data"]["next_step"])
-        if not ckpt.restore_rng(world.rank):
-            torch.manual_seed(_rank_seed(tc.seed, world.rank, start))
-        saved_world = int(ckpt.state.get("world_size", 1))
-        if ppo is not None:
-            ckpt.load_optimizer(ppo.optimizer, "policy_optimizer")
-            rl.updates = int(ckpt.state["rl"]["updates"])
-            rl.generator.set_state(torch.tensor(ckpt.state["rl"]["generator"], dtype=torch.uint8))
-        if world.is_main:
-            _truncate_metrics(metrics_path, start)
-        log.info("resumed from %s at step %d", ckpt.path, start)
-        if saved_world != world.size:
-            log.info("the checkpoint was written by %d processes, this run has %d", saved_world, world.size)
-    else:
-        if world.rank:
-            torch.manual_seed(_rank_seed(tc.seed, world.rank, 0))
-        if world.is_main:
-            metrics_path.write_text("")
+    start = _restore(ckpt, model, trainer, world, tc.seed, metrics_path)
     policy_names = [n for n, p in model.named_parameters() if id(p) in policy_ids]
     step_module = wrap(model, world, device, tc.distributed, ignore=policy_names)
     # after wrap: FSDP replaces the parameters by sharded ones
@@ -284,7 +167,9 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
         device,
         "bf16 autocast" if bf16 else "fp32",
     )
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(
+        total=tc.max_steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+    )
 
     # FSDP needs the forward to go through its root (which gathers the shards) and the same number of forwards
     # on every process: each scores every window. DDP processes score every size-th window and sum.
@@ -306,6 +191,7 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
 
     set_modes()
     stop_signal, restore_signal = _catch_sigterm()
+    rl_stats: dict = {}
     steps_since, busy, busy_total = 0, 0.0, 0.0  # seconds inside training steps (evals and saving excluded)
     try:
         for step in range(start, tc.max_steps):
@@ -313,66 +199,22 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
             lr = lr_at(step, tc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            broadcast_state(model, rl.generator if rl is not None else None, world)
-            # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory;
-            # each process reads its share of the step's windows.
-            xs, ys = sample_batch(train_tokens, global_rows, context, tc.seed, step, rows=my_rows)
-            n_rows = len(xs)
-            loss_sum, episodes = 0.0, []
-            micro = list(zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True))
-            for i, (x, y) in enumerate(micro):
-                if rl is not None:
-                    rl.begin()
-                last = i == len(micro) - 1  # gradients are averaged once, after the last micro-batch
-                if hasattr(step_module, "set_requires_gradient_sync"):  # FSDP
-                    step_module.set_requires_gradient_sync(last)
-                no_sync = step_module.no_sync() if not last and hasattr(step_module, "no_sync") else nullcontext()
-                with no_sync:  # DDP
-                    with (
-                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-                        torch.set_grad_enabled(tc.mode != "policy"),
-                    ):
-                        loss = step_module(x.to(device), y.to(device)) / (n_rows / len(x))
-                    if tc.mode != "policy":
-                        loss.backward()
-                loss_sum += loss.item()
-                if rl is not None:
-                    episodes += rl.collect()
-            # one all-reduce of the step's scalars: the mean loss over every process, SIGTERM seen anywhere,
-            # whether any process has policy episodes
-            loss_sum, stops, n_episodes = all_sum(
-                [loss_sum, float(stop_signal["sig"] is not None), float(len(episodes))], world
-            )
-            loss_sum /= world.size
-            if not math.isfinite(loss_sum):
-                raise DrrlError(
-                    f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps"
-                )
-            grad_norm = None
-            if tc.mode != "policy":
-                grad_norm = clip_gradients(step_module, lm_params, tc.grad_clip)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ppo is not None and n_episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
-                rl_stats = ppo.update(episodes, scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
-                rl_stats["epsilon"] = rl.epsilon(rl.updates)
-                rl.updates += 1
+            loss_sum, stops, grad_norm, step_stats = _train_step(
+                cfg, step, world, device, model, step_module, optimizer, trainer, lm_params, train_tokens, my_rows,
+                bf16, stop_signal,
+            )  # fmt: skip
+            rl_stats = step_stats or rl_stats
             done = step + 1
             dt = time.perf_counter() - t_step
             steps_since, busy, busy_total = steps_since + 1, busy + dt, busy_total + dt
             bar.update(1)
             if done % tc.log_every == 0 or done == tc.max_steps:
                 tps = steps_since * tokens_per_step / busy
-                rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
-                if grad_norm is not None:
-                    rec["grad_norm"] = float(grad_norm)
-                if rl_stats:
-                    rec["rl"] = rl_stats
-                layer_stats = model.attention_stats()
-                if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
-                    rec["attention"] = layer_stats
                 if world.is_main:
-                    _append_metrics(metrics_path, rec)
+                    _append_metrics(metrics_path, _record(model, done, loss_sum, lr, tokens_per_step, tps, grad_norm,
+                                                          rl_stats))  # fmt: skip
+                else:
+                    model.attention_stats()  # every process drops the counters of the steps logged
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
                 steps_since, busy = 0, 0.0
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.max_steps:
@@ -389,7 +231,7 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
                     log.info(message)
             stopping = stops > 0 and done < tc.max_steps
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.max_steps or stopping:
-                path = _checkpoint(cfg, out, world, done, lr, tok.name, model, step_module, optimizer, ppo, rl)
+                path = _checkpoint(cfg, out, world, done, lr, tok.name, model, step_module, optimizer, trainer)
                 if stopping:
                     bar.close()
                     raise Interrupted(
@@ -399,6 +241,25 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
         restore_signal()
     bar.close()
 
+    return _final_evaluation(cfg, out, world, evaluate, start, busy_total, tokens_per_step, metrics_path)
+
+
+def _record(model, done, loss_sum, lr, tokens_per_step, tps, grad_norm, rl_stats) -> dict:
+    """One metrics.jsonl line of training statistics."""
+    rec = {"step": done, "loss": loss_sum, "lr": lr, "tokens": done * tokens_per_step, "tokens_per_s": tps}
+    if grad_norm is not None:
+        rec["grad_norm"] = float(grad_norm)
+    if rl_stats:
+        rec["rl"] = rl_stats
+    layer_stats = model.attention_stats()
+    if any(layer_stats):  # dynamic-rank attention: per-layer mean executed rank, refreshes, fallbacks
+        rec["attention"] = layer_stats
+    return rec
+
+
+def _final_evaluation(cfg, out, world, evaluate, start, busy_total, tokens_per_step, metrics_path) -> dict:
+    """The whole validation split, written to eval.json and as the last metrics line (rank 0)."""
+    tc = cfg.train
     result = evaluate(None)
     result.update(
         corpus=cfg.eval.corpus or cfg.data.corpus,
@@ -417,6 +278,70 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
     return result
 
 
+def _policy_trainer(model, cfg: RunConfig, world: World, policy_ids: set[int]) -> PolicyTrainer | None:
+    """The rank policy learns beside (hybrid) or instead of (policy mode: the language model frozen) the LM."""
+    rl = model.rank_controller
+    if rl is None:
+        return None
+    comm = Collectives(world) if world.distributed else None
+    trainer = PolicyTrainer(rl, cfg.rl, seed=cfg.train.seed, comm=comm)
+    if cfg.train.mode == "policy":
+        for p in model.parameters():
+            if id(p) not in policy_ids:
+                p.requires_grad_(False)
+    return trainer
+
+
+def _train_step(cfg, step, world, device, model, step_module, optimizer, trainer, lm_params, train_tokens, my_rows,
+                bf16, stop_signal):  # fmt: skip
+    """One optimizer step (and one policy update when the rank policy has episodes). Returns the mean loss over
+    every process, whether any process saw SIGTERM, the gradient norm (None when the LM is frozen or clipping is
+    off) and the policy's statistics (empty without an update)."""
+    tc = cfg.train
+    rl = model.rank_controller
+    broadcast_state(model, rl.generator if rl is not None else None, world)
+    # One draw per step, cut into micro-batches: accumulation changes memory use, not the trajectory;
+    # each process reads its share of the step's windows.
+    xs, ys = sample_batch(train_tokens, tc.batch_size * tc.grad_accum, cfg.model.context, tc.seed, step, rows=my_rows)
+    n_rows = len(xs)
+    loss_sum = 0.0
+    micro = list(zip(xs.split(tc.batch_size), ys.split(tc.batch_size), strict=True))
+    for i, (x, y) in enumerate(micro):
+        if trainer is not None:
+            trainer.begin()
+        last = i == len(micro) - 1  # gradients are averaged once, after the last micro-batch
+        if hasattr(step_module, "set_requires_gradient_sync"):  # FSDP
+            step_module.set_requires_gradient_sync(last)
+        no_sync = step_module.no_sync() if not last and hasattr(step_module, "no_sync") else nullcontext()
+        with no_sync:  # DDP
+            with (
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                torch.set_grad_enabled(tc.mode != "policy"),
+            ):
+                loss = step_module(x.to(device), y.to(device)) / (n_rows / len(x))
+            if tc.mode != "policy":
+                loss.backward()
+        loss_sum += loss.item()
+        if trainer is not None:
+            trainer.collect()
+    # one all-reduce of the step's scalars: the mean loss over every process, SIGTERM seen anywhere,
+    # whether any process has policy episodes
+    n_own = len(trainer.episodes) if trainer is not None else 0
+    loss_sum, stops, n_episodes = all_sum([loss_sum, float(stop_signal["sig"] is not None), float(n_own)], world)
+    loss_sum /= world.size
+    if not math.isfinite(loss_sum):
+        raise DrrlError(f"loss became {loss_sum} at step {step + 1}; lower train.lr or raise train.warmup_steps")
+    grad_norm = None
+    if tc.mode != "policy":
+        grad_norm = clip_gradients(step_module, lm_params, tc.grad_clip)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    rl_stats = {}
+    if trainer is not None and n_episodes:  # L_RL (λ-weighted in the hybrid objective) on the policy's optimizer
+        rl_stats = trainer.update(scale=cfg.rl.loss_weight if tc.mode == "hybrid" else 1.0)
+    return loss_sum, stops, grad_norm, rl_stats
+
+
 def clip_gradients(step_module: torch.nn.Module, params: list, max_norm: float):
     """Clip the (already averaged) gradients to ``max_norm``; returns the norm before clipping (None if off)."""
     if max_norm <= 0:
@@ -424,34 +349,3 @@ def clip_gradients(step_module: torch.nn.Module, params: list, max_norm: float):
     if is_fsdp(step_module):  # sharded gradients: the norm needs every process's shard
         return clip_sharded(step_module, max_norm)
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def _checkpoint(cfg, out, world, done, lr, tokenizer, model, step_module, optimizer, ppo, rl) -> Path:
-    """Every process checks that it is in step with rank 0 and hands over its RNG state; rank 0 writes."""
-    tc = cfg.train
-    sharded = is_fsdp(step_module)
-    if not sharded:  # FSDP shards differ by design
-        check_in_sync(model, world, done)
-    rng_states = gather_rng_states(world) if world.distributed else None
-    if sharded:  # rank 0 gets a full CPU copy of the model and the optimizer's full state
-        model, optimizer = full_state(step_module, optimizer, lambda: build_model(cfg.model))
-    path = out / "checkpoints" / f"step_{done:07d}"
-    if world.is_main:
-        extra = {
-            "config": cfg.to_dict(),
-            "tokenizer": tokenizer,
-            "scheduler": {"kind": "warmup_cosine", "next_step": done, "lr": lr},
-            "data": {"seed": tc.seed, "next_step": done, "tokens_seen": done * tc.batch_size * tc.grad_accum
-                     * cfg.model.context},
-            "world_size": world.size,
-        }  # fmt: skip
-        extra_optimizers = None
-        if ppo is not None:
-            extra["rl"] = {"updates": rl.updates, "generator": rl.generator.get_state().tolist()}
-            extra_optimizers = {"policy_optimizer": ppo.optimizer}
-        path = save_checkpoint(
-            out, done, model, optimizer, extra, keep=tc.keep_checkpoints, extra_optimizers=extra_optimizers,
-            rng_states=rng_states,
-        )  # fmt: skip
-    barrier(world)  # nobody runs ahead (or exits) before the checkpoint is on disk
-    return path

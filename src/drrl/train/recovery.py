@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from drrl.config import require
 from drrl.data.tokens import sample_batch
 from drrl.models.loss import linear_cross_entropy
+from drrl.progress import progress as progress_bar
 from drrl.train.distributed import all_sum, current_world, shard_rows, sum_gradients
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def lora_recover(model, tokens: np.ndarray, cfg: RecoveryConfig, *, teacher=None
     world = current_world()
     rows = shard_rows(cfg.batch_size, world, what="the recovery batch_size")
     losses, t0 = [], time.perf_counter()
-    for step in tqdm(range(cfg.steps), desc="recover", unit="step", disable=not progress, dynamic_ncols=True):
+    for step in progress_bar(range(cfg.steps), desc="recover", unit="step", disable=not progress, dynamic_ncols=True):
         warm = (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else 1.0
         frac = max(step - cfg.warmup_steps, 0) / max(cfg.steps - cfg.warmup_steps, 1)
         for group in opt.param_groups:

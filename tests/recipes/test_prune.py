@@ -1,8 +1,11 @@
-"""`drrl prune`: the selector × ratio table on a tiny trained DeltaNet run, its report, its models, bad input."""
+"""`drrl prune` (drrl.recipes.prune): the selector × ratio table on a tiny trained DeltaNet run, its report, its
+models, bad input; the old import path drrl.reduce."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 
@@ -80,3 +83,19 @@ def test_prune_bad_input(deltanet_run, tmp_path, tiny_cfg, capsys):
     assert "[0, 1)" in capsys.readouterr().err
     assert main(["-q", "prune", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) != 0
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_old_import_path_warns_and_finds_every_name(monkeypatch):
+    import drrl.pruning
+    import drrl.recipes.prune as recipe
+
+    monkeypatch.delitem(sys.modules, "drrl.reduce", raising=False)
+    with pytest.warns(DeprecationWarning, match="drrl.reduce moved to drrl.recipes.prune and drrl.pruning"):
+        old = importlib.import_module("drrl.reduce")
+    for name in ("PruneConfig", "run_prune", "report_markdown", "_plot_ranks", "RecoveryConfig"):
+        assert getattr(old, name) is getattr(recipe, name)
+    for name in ("state_ranks", "decode_times", "calibrate", "prune_qk", "mixers"):
+        assert getattr(old, name) is getattr(drrl.pruning, name)
+    assert old.SELECTORS == ("random", "l1", "wanda", "taylor", "pca", "drrqr")
+    with pytest.raises(AttributeError, match="moved to"):
+        old.no_such_name  # noqa: B018

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from drrl.cli import main
-from drrl.demo import DemoConfig, run_demo
 from drrl.errors import ConfigError
+from drrl.recipes.demo import DemoConfig, run_demo
 
 ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "attn_flops_reduction", "attn_time_ratio",
             "decode_time_ratio"}  # fmt: skip

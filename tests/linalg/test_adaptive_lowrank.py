@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drrl.linalg.rana import (
+from drrl.linalg.adaptive_lowrank import (
     adapter_flops,
     allocate,
     data_aware_basis,

@@ -7,8 +7,8 @@ import torch
 
 from drrl.adapters.export import load_adapted
 from drrl.cli import main
-from drrl.compress import CompressConfig, run_compress
 from drrl.errors import ConfigError
+from drrl.recipes.compress import CompressConfig, run_compress
 
 ROW_KEYS = {"method", "flops_ratio", "flops_reduction", "mlp_rel_error", "ppl", "decode_speedup"}
 
@@ -35,9 +35,9 @@ def test_compress_end_to_end(tiny_model_dir, text_corpus, tmp_path):
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert len(on_disk["rows"]) == 7 and "| rana |" in (tmp_path / "report.md").read_text()
     # the saved model reloads onto its base and reproduces the reported perplexity
-    from drrl.compress import perplexity
     from drrl.data import get_tokenizer, load_tokens, spread_windows
-    from drrl.integrations.hf import load_causal_lm
+    from drrl.integrations.hub import load_causal_lm
+    from drrl.recipes.compress import perplexity
 
     base, path = load_causal_lm(tiny_model_dir)
     model = load_adapted(base, rows["rana", 0.6]["saved"])
@@ -88,9 +88,9 @@ def test_compress_lora_recovery(tiny_model_dir, text_corpus, tmp_path):
         assert r["ppl_ratio_recovered"] == pytest.approx(r["ppl_recovered"] / rows["dense"]["ppl"])
     assert "after LoRA recovery" in (tmp_path / "report.md").read_text()
     # the saved model is the recovered one: it reloads and reproduces the recovered perplexity
-    from drrl.compress import perplexity
     from drrl.data import get_tokenizer, load_tokens, spread_windows
-    from drrl.integrations.hf import load_causal_lm
+    from drrl.integrations.hub import load_causal_lm
+    from drrl.recipes.compress import perplexity
 
     base, path = load_causal_lm(tiny_model_dir)
     model = load_adapted(base, rows["rana"]["saved"])

@@ -1,0 +1,95 @@
+"""Low-rank decode and export: a key cache kept in the calibrated basis, and a fixed-rank copy of a layer with
+physically smaller maps."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drrl.attention.base import Attention
+from drrl.attention.drrl.kernels import sdpa_lowrank
+
+if TYPE_CHECKING:
+    from drrl.attention.drrl.layer import DynamicLowRankAttention
+
+
+class LowRankKVCache:
+    """Decode cache with keys in a rank-r_max basis, stored transposed (B, H, r_max, capacity) so that a
+    rank-r step reads r contiguous rows; values (B, H, capacity, d) unchanged. Keys are pre-scaled."""
+
+    def __init__(self, batch, heads, capacity, r_max, d_head, dtype, device):
+        self.kt = torch.zeros(batch, heads, r_max, capacity, dtype=dtype, device=device)
+        self.v = torch.zeros(batch, heads, capacity, d_head, dtype=dtype, device=device)
+        self.n, self.capacity = 0, capacity
+
+    def append(self, kt: torch.Tensor, v: torch.Tensor) -> None:
+        t = kt.shape[2]
+        if self.n + t > self.capacity:
+            raise ValueError(f"cache full: {self.n} + {t} tokens exceed its capacity {self.capacity}")
+        self.kt[:, :, :, self.n : self.n + t] = kt.transpose(-2, -1)
+        self.v[:, :, self.n : self.n + t] = v
+        self.n += t
+
+    def attend(self, qt: torch.Tensor, rank: int) -> torch.Tensor:
+        """``qt`` (B, H, 1, ≥rank) -> softmax(qt[:rank] · Kᵀ) V over the cached tokens, written out. With
+        grouped-query attention (H a multiple of the cache's KV heads) a group's queries share its rows."""
+        B, H, _, _ = qt.shape
+        g = H // self.kt.shape[1]
+        qg = qt[..., :rank].reshape(B, self.kt.shape[1], g, rank)  # query heads of a group stacked as rows
+        s = torch.matmul(qg, self.kt[:, :, :rank, : self.n])
+        return torch.matmul(s.softmax(-1), self.v[:, :, : self.n]).reshape(B, H, 1, -1)
+
+
+class ExportedLowRankAttention(Attention):
+    """A fixed-rank low-rank attention exported from :class:`DynamicLowRankAttention` (not in the registry)."""
+
+    def __init__(self, d_model: int, n_head: int, rank: int, *, causal: bool = True, bias: bool = False):
+        super().__init__(d_model, n_head, causal=causal, bias=bias)
+        self.rank = rank
+        self.register_buffer("pq", torch.zeros(n_head, self.d_head, rank))
+        self.register_buffer("pk", torch.zeros(n_head, self.d_head, rank))
+        self.q_small: nn.Linear | None = None
+        self.k_small: nn.Linear | None = None
+
+    @classmethod
+    def from_drrl(cls, src: DynamicLowRankAttention, rank: int, fold: bool = False) -> ExportedLowRankAttention:
+        bias = src.qkv.bias is not None
+        new = cls(src.d_model, src.n_head, rank, causal=src.causal, bias=bias).to(src.pq.device, src.qkv.weight.dtype)
+        new.load_state_dict({**src.qkv.state_dict(prefix="qkv."), **src.proj.state_dict(prefix="proj.")}, strict=False)
+        new.pq.copy_(src.pq[..., :rank])
+        new.pk.copy_(src.pk[..., :rank])
+        if fold:
+            D, H, dh = src.d_model, src.n_head, src.d_head
+            for name, part, maps in (("q_small", 0, new.pq), ("k_small", 1, new.pk)):
+                w = src.qkv.weight[part * D : (part + 1) * D].view(H, dh, D)
+                lin = nn.Linear(D, H * rank, bias=bias).to(w.device, w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.einsum("hdr,hdD->hrD", maps.to(w.dtype), w).reshape(H * rank, D))
+                    if bias:
+                        b = src.qkv.bias[part * D : (part + 1) * D].view(H, dh)
+                        lin.bias.copy_(torch.einsum("hdr,hd->hr", maps.to(w.dtype), b).reshape(-1))
+                setattr(new, name, lin)
+        return new
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        if self.q_small is None:
+            return super().forward(x, rope)
+        if rope is not None:
+            raise ValueError("folded low-rank projections cannot take RoPE; export with fold=False")
+        B, L, D = x.shape
+        H, r, dh = self.n_head, self.rank, self.d_head
+        qt = self.q_small(x).view(B, L, H, r).transpose(1, 2)
+        kt = self.k_small(x).view(B, L, H, r).transpose(1, 2)
+        v = F.linear(x, self.qkv.weight[2 * D :], None if self.qkv.bias is None else self.qkv.bias[2 * D :])
+        v = v.view(B, L, H, dh).transpose(1, 2)
+        y = sdpa_lowrank(qt, kt, v, 0, 1.0 / math.sqrt(dh), self.causal)[0]
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qt = torch.einsum("bhld,hdr->bhlr", q, self.pq.to(q.dtype))
+        kt = torch.einsum("bhld,hdr->bhlr", k, self.pk.to(k.dtype))
+        return sdpa_lowrank(qt, kt, v, 0, 1.0 / math.sqrt(self.d_head), self.causal)[0]

@@ -1,0 +1,95 @@
+"""The demo's report: the table, report.md, and the Pareto and rank plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from drrl.utils import atomic_path
+
+
+def render_table(rows: list[dict]) -> str:
+    head = (
+        "| method | ppl | Δ ppl % | mean rank | score-FLOPs red. | attn-FLOPs red. | attn time × | decode time × "
+        "| cache bytes × |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['method']} | {r['ppl']:.2f} | {100 * (r['ppl_ratio'] - 1):+.1f} | {r['mean_rank']:.1f} "
+        f"| {100 * r['score_flops_reduction']:.1f}% | {100 * r['attn_flops_reduction']:.1f}% "
+        f"| {r['attn_time_ratio']:.2f} | {r['decode_time_ratio']:.2f} | {r['cache_bytes_ratio']:.2f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def render_report(rep: dict) -> str:
+    c = rep["config"]
+    po = rep["policy_overhead"]
+    return f"""# drrl demo: dynamic low-rank attention on {rep["model"]}
+
+Corpus `{c["corpus"]}` (test split), {c["eval_windows"]} evenly spread windows of {c["context"]} tokens; calibration
+on {c["calib_windows"]} training windows; rank decisions every {c["segment"]} tokens per layer, buckets {rep["buckets"]}.
+DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), reward α={c["alpha"]}, γ={c["gamma"]},
+β ∈ {list(c["betas"])} (`drrl` is β={c["betas"][0]}; `energy` is τ={c["taus"][0]}). `static` is the bucket nearest DR-RL's mean rank
+({rep["matched_static_rank"]}). Machine: {rep["machine"]}; the whole job took {rep["seconds"]:.0f} s.
+
+{render_table(rep["rows"])}
+- FLOPs are counted by `drrl.flops` for the attention layers only (scores, softmax, PV, rank-r maps, Grams and
+  statistics, the policy); "score" counts Q·Kᵀ alone. Times are the attention layers on one window's captured
+  queries/keys/values (prefill) and one decode step per layer against the window's cache, as ratios to full
+  attention (SDPA; for decode the same kernel on full-width keys), median of {c["timing_repeats"]} interleaved repeats.
+- Cache bytes: keys at width r once per KV head plus full-width values. Dynamic methods keep r_max columns.
+- Planning (state features, policy forward, rank bookkeeping) took {100 * po["plan_fraction"]:.1f}% of the model's
+  forward time during the `drrl` evaluation (policy forward alone {100 * po["controller_fraction"]:.1f}%).
+
+![pareto](pareto.png)
+
+![ranks](ranks.png)
+"""
+
+
+def plots(rep: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["method"]: r for r in rep["rows"]}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    groups = [("static", "s-", "static rank"), ("energy", "^-", "energy rule"), ("drrl", "o-", "DR-RL (β sweep)")]
+    for ax, key, what in zip(axes, ("score_flops_reduction", "attn_flops_reduction"),
+                             ("score (Q·Kᵀ) FLOPs", "attention FLOPs, every overhead counted"), strict=True):  # fmt: skip
+        for prefix, style, label in groups:
+            pts = sorted((1 - r[key], r["ppl"]) for n, r in rows.items() if n.startswith(prefix))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=label)
+        for n in ("random", "full"):
+            if n in rows:
+                ax.plot(1 - rows[n][key], rows[n]["ppl"], "x" if n == "random" else "*", ms=10, label=n)
+        for n, r in rows.items():
+            if n.startswith("drrl"):
+                ax.annotate(n.removeprefix("drrl-") if n != "drrl" else f"beta={rep['config']['betas'][0]:g}",
+                            (1 - r[key], r["ppl"]), fontsize=7)  # fmt: skip
+        ax.set_xlabel(f"{what} relative to full")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity")
+    axes[0].legend()
+    fig.suptitle(f"{rep['model']}: perplexity against FLOPs (lower left is better)")
+    fig.tight_layout()
+    with atomic_path(out / "pareto.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+    grid = rep["rank_grids"].get("drrl")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    if grid:
+        im = ax.imshow(np.array(grid), aspect="auto", cmap="viridis", origin="lower")
+        fig.colorbar(im, ax=ax, label="mean executed rank")
+    ax.set_xlabel(f"segment ({rep['config']['segment']} tokens)")
+    ax.set_ylabel("layer")
+    ax.set_title("DR-RL rank per layer and segment (evaluation windows)")
+    fig.tight_layout()
+    with atomic_path(out / "ranks.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,0 +1,35 @@
+"""The rank policy's training settings (the ``rl`` section of a run config, and the recipes' policies)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drrl.config import require
+
+
+@dataclass
+class RLConfig:
+    """The rank policy's training (``train.mode`` hybrid or policy; ``model.attention_kwargs.controller: rl``)."""
+
+    lr: float = 3e-4  # the policy's own AdamW
+    loss_weight: float = 0.1  # λ in L_total = L_LM + λ·L_RL (hybrid); scales the policy's Adam step
+    clip: float = 0.2  # PPO ratio clipping
+    discount: float = 0.99  # across the decisions of a forward pass
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5
+    entropy_coef: float = 0.01
+    epochs: int = 4  # PPO passes per training step
+    alpha: float = 1.0  # reward: α·fidelity − β·cost/cost_full − γ·bound
+    beta: float = 0.05
+    gamma: float = 0.1
+    eps_start: float = 0.1  # ε-greedy exploration, linear over eps_decay_steps policy updates
+    eps_end: float = 0.0
+    eps_decay_steps: int = 1000
+
+    def __post_init__(self):
+        for name in ("lr", "clip", "epochs", "eps_decay_steps"):
+            require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("loss_weight", "value_coef", "entropy_coef", "alpha", "beta", "gamma"):
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("discount", "gae_lambda", "eps_start", "eps_end"):
+            require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")

@@ -1,0 +1,142 @@
+"""The learned rank controller of DR-RL: a :class:`~drrl.rl.policy.RankPolicy` shared by a model's layers,
+sampling from an ε-mixture while it explores and turning the attention's :class:`~drrl.controllers.Feedback`
+into rewards (:mod:`drrl.rl.reward`) that PPO learns from (:mod:`drrl.rl.trainer`)."""
+
+from __future__ import annotations
+
+import torch
+
+from drrl.controllers import Feedback, RankController, SegmentStats, register_controller
+from drrl.rl.policy import EpsilonSchedule, RankPolicy, sample
+from drrl.rl.ppo import Episode
+from drrl.rl.reward import RewardConfig, reward
+
+
+@register_controller("rl")
+class RLController(RankController):
+    """The DR-RL controller: a :class:`~drrl.rl.policy.RankPolicy` shared by all layers.
+
+    Per sequence (``stats.row``) it builds the decision sequence of the forward pass (layer-major) and
+    decides all segments of a layer in one policy pass: the "previous rank" in a decision's state is the
+    rank the layer below chose for the same segment, so no decision waits for another of its own layer.
+    When ``explore`` is on it samples from the ε-mixture and records :class:`~drrl.rl.ppo.Episode` steps;
+    the attention then reports each executed
+    decision's reward through :meth:`observe`. ``collect()`` hands finished episodes to PPO. A sequence
+    whose layers start again begins a new episode (``begin()`` also clears everything).
+    """
+
+    needs_stats = True
+    shared = True  # one policy decides for every layer: its decisions form one sequence per forward pass
+    learns = True
+    N_SEQ_FEATURES = 3  # the attention's "sequence dynamics" features (SegmentStats.features)
+
+    @property
+    def needs_bound(self) -> bool:
+        """The bound is a reward term, not a feature: computed only on steps that train the policy."""
+        return self.wants_feedback
+
+    @classmethod
+    def n_features(cls, n_buckets: int) -> int:
+        """Per-decision input width of the policy: kept energy at every bucket and the sequence statistics."""
+        return n_buckets + cls.N_SEQ_FEATURES
+
+    @classmethod
+    def for_layers(cls, layers, *, seed: int = 0, **kwargs) -> RLController:
+        """A fresh policy sized for ``layers`` (their rank buckets and their number)."""
+        nb = len(layers[0].buckets)
+        return cls(RankPolicy(cls.n_features(nb), nb, len(layers), **kwargs), seed=seed)
+
+    def __init__(self, policy, *, reward=None, epsilon=None, seed: int = 0):
+        super().__init__()
+        self.policy = policy
+        self.reward_cfg = reward or RewardConfig()
+        self.epsilon = epsilon or EpsilonSchedule()
+        self.explore = True
+        self.updates = 0  # PPO updates so far (drives the ε schedule)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._rows: dict[int, dict] = {}
+        self._last_len = self._last_new = 0
+
+    @property
+    def wants_feedback(self) -> bool:
+        """Rewards are measured only while the policy explores and learns (training mode)."""
+        return self.explore and self.training
+
+    def begin(self) -> None:
+        self._rows = {}
+
+    @staticmethod
+    def features(stats: SegmentStats) -> torch.Tensor:
+        extra = stats.features if stats.features is not None else torch.zeros(len(stats.energy), 0)
+        return torch.cat([stats.energy.float(), extra.float()], -1).cpu()
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        nb = len(stats.buckets)
+        param = next(self.policy.parameters())
+        feats, allowed, decide = self.features(stats).to(param.dtype), stats.allowed.cpu(), stats.decide.cpu()
+        layer = max(stats.layer, 0)
+        ep = self._rows.get(stats.row)
+        if ep is None or (ep["layers"] and ep["layers"][-1] >= layer):  # a new forward pass
+            keys = ("feats", "layers", "segments", "prev", "allowed", "actions", "logp", "values", "rewards")
+            ep = self._rows[stats.row] = {k: [] for k in keys}
+            ep["below"] = {}  # segment -> action of the previous layer at that segment
+        explore = self.explore and self.training
+        eps = self.epsilon(self.updates) if explore else 0.0
+        out = torch.full((len(feats),), nb - 1, dtype=torch.long)
+        segs = decide.nonzero().flatten().tolist()
+        if not segs:
+            ep["below"] = {}
+            return out
+        # all of this layer's decisions in one policy pass: a decision's state holds nothing chosen in the same
+        # layer (its previous rank is the layer below's at the same segment), so they need no sequential loop
+        for s in segs:
+            ep["feats"].append(feats[s]), ep["layers"].append(layer), ep["segments"].append(s)
+            ep["prev"].append(ep["below"].get(s, nb)), ep["allowed"].append(allowed[s])
+        with torch.no_grad():
+            logits, values = self.policy(*(t.to(param.device) for t in self._tensors(ep)))
+        n = len(segs)
+        a, lp = sample(logits[-n:].cpu(), allowed[segs], eps, self.generator, greedy=not explore)
+        ep["actions"].extend(a.tolist()), ep["logp"].extend(lp.tolist()), ep["values"].extend(values[-n:].tolist())
+        out[segs] = a
+        ep["below"] = dict(zip(segs, a.tolist(), strict=True))
+        self._last_len, self._last_new = len(ep["actions"]), n
+        return out
+
+    @staticmethod
+    def _tensors(ep: dict):
+        return (
+            torch.stack(ep["feats"]),
+            torch.tensor(ep["layers"]),
+            torch.tensor(ep["segments"]),
+            torch.tensor(ep["prev"]),
+            torch.stack(ep["allowed"]),
+        )
+
+    def observe(self, feedback: Feedback) -> None:
+        """The rewards (:func:`drrl.rl.reward.reward`) of the decisions just executed for ``feedback.row``, in the
+        order they were decided."""
+        cfg = self.reward_cfg
+        rewards = [
+            float(reward(f, torch.tensor(c), b, cfg))
+            for f, c, b in zip(feedback.fidelity, feedback.cost, feedback.bound, strict=True)
+        ]
+        self._rows[feedback.row]["rewards"].extend(rewards)
+
+    def collect(self) -> list:
+        """Finished episodes (every executed decision rewarded), as PPO episodes; clears the buffer."""
+        eps = self.epsilon(self.updates)
+        out = []
+        for ep in self._rows.values():
+            if ep["actions"] and len(ep["rewards"]) == len(ep["actions"]):
+                feats, layers, segments, prev, allowed = self._tensors(ep)
+                out.append(Episode(feats, layers, segments, prev, allowed, torch.tensor(ep["actions"]),
+                                   torch.tensor(ep["logp"]), torch.tensor(ep["values"]),
+                                   torch.tensor(ep["rewards"]), eps))  # fmt: skip
+        self._rows = {}
+        return out
+
+    def flops_per_decision(self, n_buckets: int) -> int:
+        # one policy pass per layer re-encodes the decision sequence so far (≈ 2 FLOPs per parameter per
+        # position), shared by the layer's decisions
+        per_pass = 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)
+        return per_pass // max(self._last_new, 1)
