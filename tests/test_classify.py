@@ -87,6 +87,7 @@ def test_rl_controller_learns_the_cost_tradeoff_while_fine_tuning(
     assert all(r == (8 if expect == "largest" else 2) for r in ranks), ranks
 
 
+@pytest.mark.distributed
 def test_torchrun_shares_the_runs_among_processes(tiny_bert_with_tokenizer, tsv, tmp_path):
     """2 processes run half the (method, seed) fine-tunes each; rank 0 writes the same table one process does."""
     import os

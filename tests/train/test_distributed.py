@@ -149,6 +149,7 @@ def test_ppo_with_collectives_and_no_episodes_anywhere_does_nothing():
 # ---------------------------------------------------------------- two processes
 
 
+@pytest.mark.distributed
 def test_rank_decisions_and_parameters_agree_across_processes(tmp_path):
     _run(_torchrun(str(WORKER), str(tmp_path)), timeout=120)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -171,6 +172,7 @@ def test_rank_decisions_and_parameters_agree_across_processes(tmp_path):
     assert r0["divergence_detected"] == r1["divergence_detected"]
 
 
+@pytest.mark.distributed
 def test_two_processes_follow_the_one_process_trajectory_and_resume_across_process_counts(
     tiny_overrides_list, tmp_path
 ):
@@ -202,6 +204,7 @@ def test_two_processes_follow_the_one_process_trajectory_and_resume_across_proce
         assert _eval(dst)["loss"] == pytest.approx(e1["loss"], rel=1e-5)
 
 
+@pytest.mark.distributed
 def test_sigkill_at_a_random_step_then_resume_reaches_the_same_final_loss(tiny_overrides_list, tmp_path):
     """Kill every process of a 2-process run with SIGKILL mid-run; --resume ends bit-identical to a run
     that was never interrupted (dropout on: each process's RNG stream is restored too)."""
@@ -229,6 +232,7 @@ def test_sigkill_at_a_random_step_then_resume_reaches_the_same_final_loss(tiny_o
     assert (killed / "metrics.jsonl").read_text().count('"final": true') == 1
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["hybrid", "policy"])
 def test_rank_policy_trains_under_ddp_with_processes_in_step(tiny_overrides_list, tmp_path, mode):
     """The RL rank policy trains in 2 processes, beside the language model (hybrid) or alone (policy: the LM is
@@ -257,6 +261,7 @@ def _has_fsdp2() -> bool:
     return True
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not _has_fsdp2(), reason="FSDP2 needs torch >= 2.6")
 def test_fsdp_matches_ddp_and_its_checkpoints_resume_anywhere(tiny_overrides_list, tmp_path):
     ov = _overrides(tiny_overrides_list, **{"model.dropout": "0.0"})
@@ -303,6 +308,7 @@ def test_fsdp_with_a_rank_policy_is_a_config_error(tiny_overrides_list):
         RunConfig.load(None, [*tiny_overrides_list, *sets, "train.distributed=fsdp"])
 
 
+@pytest.mark.distributed
 def test_sigterm_to_every_process_writes_one_checkpoint_and_the_run_resumes(tiny_overrides_list, tmp_path):
     """What a scheduler does at pre-emption: SIGTERM to the launcher and all its workers. The workers agree on
     the step to stop after, rank 0 checkpoints it, and --resume finishes the run."""
@@ -331,6 +337,7 @@ def test_sigterm_to_every_process_writes_one_checkpoint_and_the_run_resumes(tiny
     assert steps == list(range(1, 13))
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
 def test_two_gpus_follow_the_one_gpu_trajectory(tiny_overrides_list, tmp_path):
     ov = _overrides(tiny_overrides_list, **{"model.dropout": "0.0", "train.device": "cuda", "train.precision": "fp32"})

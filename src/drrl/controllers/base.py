@@ -151,11 +151,15 @@ def register_controller(name: str):
 def _load_plugins() -> None:
     """Import the modules that register controllers of higher rooms (``drrl.controllers`` entry points)."""
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _CONTROLLERS:
-            try:
-                ep.load()
-            except Exception as e:  # a broken third-party plugin must not break the built-in controllers
-                log.warning("rank controller plugin %s failed to load: %s", ep.value, e)
+        if ep.name in _CONTROLLERS:
+            continue
+        if ep.value.startswith("drrl."):  # drrl's own: an error is a bug to see, not to swallow
+            ep.load()
+            continue
+        try:
+            ep.load()
+        except Exception as e:  # a broken third-party plugin must not break the built-in controllers
+            log.warning("rank controller plugin %s failed to load: %s", ep.value, e)
 
 
 def available_controllers() -> list[str]:

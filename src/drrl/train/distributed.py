@@ -28,8 +28,10 @@ Only rank 0 writes logs, metrics and checkpoints; a checkpoint also records ever
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -102,6 +104,7 @@ def setup(device: str = "auto", *, timeout_minutes: float = 60.0) -> tuple[World
         raise DrrlError("this PyTorch build has no torch.distributed; install a build with it or run one process")
     owns = not dist.is_initialized()
     if owns:
+        _import_group_binding_modules()  # before the group exists, or they would hold it past teardown()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         if dist.get_world_size() != size or dist.get_rank() != rank:
@@ -122,8 +125,80 @@ def current_world() -> World:
 
 
 def teardown(world: World) -> None:
-    if world.owns_group and dist.is_initialized():
+    """Leave the process group that :func:`setup` created; call it in a ``finally`` around the work.
+
+    On a normal exit the processes first meet at a barrier, so that none closes its connections while a
+    peer is still in a collective with it. While an exception propagates there is no barrier (the peers
+    may be waiting in another collective; torchrun stops them when this process exits with the error).
+
+    Then the group is destroyed, and really freed here: its backend (gloo: two worker threads and a
+    socket thread; NCCL: a watchdog) lives until the last Python reference to the group object goes, and
+    ``destroy_process_group`` only drops ``torch.distributed``'s own. A group that outlives this call is
+    torn down at interpreter exit, and gloo can then abort the process ("terminate called without an
+    active exception", SIGABRT): a worker thread still releasing the tensors of the last collective
+    needs the GIL, and a thread that asks for the GIL while Python finalises is ended with
+    ``pthread_exit``, whose unwinding through a C++ destructor is ``std::terminate``. See
+    :func:`_import_group_binding_modules` and :func:`_drop_cached_groups` for the references torch's own
+    modules keep.
+    """
+    if not (world.owns_group and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    try:
+        if sys.exc_info()[1] is None:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
+        _drop_cached_groups()
+        gc.collect()  # a module in a reference cycle (DDP, FSDP) may hold the group too
+        held = sys.getrefcount(group) - 2  # beyond this frame's name and getrefcount's argument
+        del group  # normally the last reference: joins the backend's threads now
+        if held > 0:
+            log.debug(
+                "the process group is still referenced %d more times after teardown; its threads stop only "
+                "at interpreter exit",
+                held,
+            )
+
+
+def _import_group_binding_modules() -> None:
+    """Import, before the process group exists, the torch modules that bind the default group at import.
+
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` as default arguments: imported after
+    ``init_process_group`` (``transformers`` and ``torch.distributed.fsdp`` import it, e.g. when a model is
+    built inside the run) its functions keep the live group as defaults for good, so it outlives
+    :func:`teardown`. Imported first, the defaults are ``None`` (the default group at call time).
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a build without it binds nothing
+        pass
+
+
+# DTensor's module-level caches (FSDP2's parameters and gradient norms are DTensors): their entries hold
+# device meshes, and a mesh holds its process group. (module, attribute path of a function that clears one)
+_DTENSOR_CACHES = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # sharding propagation, Python and C++
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+
+
+def _drop_cached_groups() -> None:
+    """Empty the caches in :data:`_DTENSOR_CACHES` (those this torch has; none if DTensor was never used)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    import importlib
+
+    for module, path in _DTENSOR_CACHES:
+        try:
+            clear = importlib.import_module(module)
+            for name in path.split("."):
+                clear = getattr(clear, name)
+        except (ImportError, AttributeError):  # another torch: not there under this name
+            continue
+        clear()
 
 
 def shard_rows(n_rows: int, world: World, what: str = "train.batch_size × train.grad_accum") -> slice:
