@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from drrl.classify import ClassifyConfig, length_batches, run_table
 from drrl.cli import main
+from drrl.data.sentences import length_batches
 from drrl.errors import ConfigError
+from drrl.recipes.classify import ClassifyConfig, run_table
 
 WORDS = "good great fine bad awful poor film plot actor scene music".split()
 
