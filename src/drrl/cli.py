@@ -369,7 +369,11 @@ def cmd_prune(args) -> int:
     from drrl.pruning import available_selectors
     from drrl.recipes.prune import PruneConfig, report_markdown, run_prune
 
-    sels = list(available_selectors()) if args.selector == "all" else [x.strip() for x in args.selector.split(",") if x.strip()]
+    sels = (
+        list(available_selectors())
+        if args.selector == "all"
+        else [x.strip() for x in args.selector.split(",") if x.strip()]
+    )
     cfg = from_dict(
         PruneConfig,
         dict(selectors=sels, ratios=list(args.ratio), calibration=args.calibration, split=args.split,
