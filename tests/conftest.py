@@ -34,6 +34,16 @@ def make_text(n_lines: int = 1500, seed: int = 0) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and policies run many times faster on one thread when the cores are shared with other work
+    (two threads contend on tensors this small). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def text_corpus(tmp_path_factory) -> str:
     """``text:PATH`` spec of a ~70 KB synthetic play (about 15k GPT-2 tokens)."""

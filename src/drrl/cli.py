@@ -156,6 +156,10 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
     dm.add_argument("--betas", type=_floats, default=(0.5, 0.05, 1.0),
                     help="reward cost weights β; the first is the method drrl (default: 0.5,0.05,1.0)")  # fmt: skip
     dm.add_argument("--taus", type=_floats, default=(0.97, 0.99), help="energy thresholds (default: 0.97,0.99)")
+    dm.add_argument("--budgets", type=_floats, default=(),
+                    help="score-FLOPs cuts, e.g. 0.25,0.4: per budget, DR-RL trained to meet it, its frozen table, "
+                         "a static per-layer allocation searched against the loss and the uniform static rank, all "
+                         "at that cut (adds about 2 minutes per budget plus a one-off search)")  # fmt: skip
     dm.add_argument("--repeats", type=_positive, default=3, help="timing repeats (default: 3)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     dm.add_argument("--trust-remote-code", action="store_true",
@@ -317,7 +321,7 @@ def cmd_demo(args) -> int:
     kw = dict(model=args.model, corpus=args.corpus, context=args.context, segment=args.segment,
               eval_windows=args.windows, calib_windows=args.calib_windows, policy_steps=args.policy_steps,
               betas=args.betas, taus=args.taus, timing_repeats=args.repeats, device=args.device,
-              trust_remote_code=args.trust_remote_code)  # fmt: skip
+              trust_remote_code=args.trust_remote_code, budgets=args.budgets)  # fmt: skip
     if args.quick:
         kw.update(context=256, segment=64, eval_windows=2, calib_windows=2, policy_steps=2, timing_repeats=1,
                   static_ranks=(32,))  # fmt: skip

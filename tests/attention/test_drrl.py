@@ -410,3 +410,65 @@ def test_pop_stats_logs_rank_decisions_per_segment_and_score_flops():
     pairs = [flops.causal_pairs(8 * s, min(8, 30 - 8 * s)) for s in range(4)]
     kept = (pairs[0] * 32 + sum(pairs[1:]) * 16) / (sum(pairs) * 32)
     assert st["score_flops_reduction"] == pytest.approx(1 - kept) and m.pop_stats() == {}
+
+
+def test_each_segment_executes_at_its_own_rank(monkeypatch):
+    """Segments of one basis version with different ranks run at their own widths (the keys projected once and
+    sliced), so the executed score FLOPs equal the planned ones; outputs match the per-segment reference."""
+    from drrl.attention.drrl import layer as drrl_layer
+
+    widths = []
+    real = drrl_layer.sdpa_lowrank
+
+    def spy(q, k, v, offset, scale, causal):
+        widths.append((offset, q.shape[-2], q.shape[-1], k.shape[-1]))
+        return real(q, k, v, offset, scale, causal)
+
+    monkeypatch.setattr(drrl_layer, "sdpa_lowrank", spy)
+    m = calibrate(make("calibrated", "random", seed=3)).eval()
+    q, k, v = qkv(B=1, L=64)
+    y = m.attend(q, k, v)
+    ranks = m.last_plan.ranks
+    assert len(set(ranks)) > 1  # the test needs segments of different ranks in one block
+    for offset, n, wq, wk in widths:
+        assert wq == wk
+        assert set(ranks[offset // 8 : (offset + n) // 8]) == {wq}  # every segment of a call at the call's width
+    assert len(widths) == sum(1 for i, r in enumerate(ranks) if i == 0 or ranks[i - 1] != r)  # equal runs merge
+    torch.testing.assert_close(y, naive(m, q, k, v), rtol=1e-10, atol=1e-10)
+    st = m.pop_stats()
+    assert st["score_flops_reduction"] == pytest.approx(st["planned_score_flops_reduction"], abs=1e-12)
+    assert st["score_flops_reduction"] > 0.1
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["online", "hybrid"])
+def test_training_mode_batch_rows_are_independent_and_causal(calibrated):
+    """In training mode the online basis warm-starts from the previous call's, never from another row of the
+    batch (a row's basis is fitted on that row's whole sequence, future tokens included): perturbing one row's
+    tokens leaves the other rows bit-identical, and perturbing every row after t leaves positions <= t."""
+    import copy
+
+    m = make("online", "energy")
+    if calibrated:
+        calibrate(m)
+    m.train()
+    m.attend(*qkv(B=2, seed=9))  # a warm start of its own, as after a first training step
+    q, k, v = qkv(B=3, L=40)
+
+    def run(*x):
+        return copy.deepcopy(m).attend(*x)
+
+    base = run(q, k, v)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[0, :, 30:] += torch.randn_like(x[0, :, 30:])
+    out = run(q2, k2, v2)
+    torch.testing.assert_close(out[1:], base[1:], rtol=0, atol=0)
+    assert not torch.allclose(out[0, :, 30:], base[0, :, 30:])
+    for t in (8, 21):
+        q3, k3, v3 = (x.clone() for x in (q, k, v))
+        for x in (q3, k3, v3):
+            x[:, :, t + 1 :] += torch.randn_like(x[:, :, t + 1 :])
+        torch.testing.assert_close(run(q3, k3, v3)[:, :, : t + 1], base[:, :, : t + 1], rtol=0, atol=1e-12)
+    z0 = m.z.clone()
+    m.attend(q, k, v)
+    assert not torch.equal(m.z, z0)  # the next call still warm-starts from this batch's last basis

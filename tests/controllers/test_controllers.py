@@ -11,6 +11,7 @@ from drrl.controllers import (
     RandomController,
     RankController,
     SegmentStats,
+    TableController,
     attach_controller,
     available_controllers,
     build_controller,
@@ -33,7 +34,7 @@ def test_builtin_heuristics_and_the_rl_plugin_are_registered():
     assert {"energy", "fixed", "random", "rl"} <= set(available_controllers())
     rl = controller_class("rl")
     assert rl.shared and rl.learns and rl.__module__ == "drrl.rl.controller"  # found through the entry point
-    for name in ("energy", "fixed", "random"):
+    for name in ("energy", "fixed", "random", "table"):
         assert not controller_class(name).shared and not controller_class(name).learns
 
 
@@ -55,6 +56,20 @@ def test_fixed_and_random_choose_buckets():
     a = RandomController(seed=3)(stats([[1.0] * 3] * 32))
     b = RandomController(seed=3)(stats([[1.0] * 3] * 32))
     assert a.tolist() == b.tolist() and len(set(a.tolist())) > 1
+
+
+def test_table_replays_a_rank_per_layer_and_segment():
+    table = TableController([[8, 16], [32]])
+    layer0 = stats([[1.0] * 3] * 4)
+    assert table(layer0).tolist() == [0, 1, 1, 1]  # past the row's end: its last rank
+    layer1 = SegmentStats(1, layer0.buckets, layer0.energy, layer0.bound, layer0.allowed, layer0.decide)
+    assert table(layer1).tolist() == [2] * 4
+    with pytest.raises(ValueError, match="no row for layer 2"):
+        table(SegmentStats(2, layer0.buckets, layer0.energy, layer0.bound, layer0.allowed, layer0.decide))
+    with pytest.raises(ValueError, match="not buckets"):
+        TableController.from_options({"table": [[8, 12]]}, [8, 16, 32])
+    with pytest.raises(ValueError, match="non-empty"):
+        TableController([[8], []])
 
 
 def test_a_new_controller_is_one_class_and_one_registration():

@@ -92,6 +92,55 @@ def test_ridge_shifts_singular_values_but_keeps_exactness_at_full_rank():
     torch.testing.assert_close((q @ pq) @ (k @ pk).transpose(-2, -1), s, rtol=0, atol=1e-10)
 
 
+def _ridge_shift_bounds(q, k, ridge):
+    """Weyl bounds on σ_j(ridged core) − σ_j(Q Kᵀ) (see gram_root): the √ε one for every j, and the
+    (ε_k ‖Q‖² + ε_q ‖K‖² + ε_q ε_k) / (2 σ_j) one for σ_j > 0. Returns (√ε bound, ε_q, ε_k, ‖Q‖₂, ‖K‖₂)."""
+    d = q.shape[-1]
+    eq, ek = (ridge * float(torch.trace(gram(x))) / d for x in (q, k))
+    nq, nk = (float(torch.linalg.matrix_norm(x, 2)) for x in (q, k))
+    return ek**0.5 * nq + eq**0.5 * nk + (eq * ek) ** 0.5, eq, ek, nq, nk
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, length=st.integers(1, 24), d=st.integers(1, 6), ridge=st.floats(1e-6, 1e-1))
+def test_ridge_moves_singular_values_up_by_at_most_the_sqrt_bound(seed, length, d, ridge):
+    """0 ≤ σ_j(ridged) − σ_j(Q Kᵀ) ≤ √ε_k‖Q‖₂ + √ε_q‖K‖₂ + √(ε_q ε_k), also for L < d (zero σ_j, singular Grams)."""
+    q, k = random_qk(length=length, d=d, seed=seed)
+    _, _, got = lowrank_score_maps(gram(q), gram(k), ridge=ridge)
+    exact = torch.zeros(d, dtype=F64)
+    sv = torch.linalg.svdvals(q @ k.T)[:d]
+    exact[: len(sv)] = sv
+    bound, eq, ek, nq, nk = _ridge_shift_bounds(q, k, ridge)
+    tol = 1e-9 * nq * nk
+    shift = got - exact
+    assert float(shift.min()) >= -tol  # the ridge only adds energy
+    assert float(shift.max()) <= bound + tol
+    pos = exact > 1e-6 * nq * nk
+    near = (ek * nq**2 + eq * nk**2 + eq * ek) / (2 * exact[pos])
+    assert bool((shift[pos] <= near + tol).all())
+
+
+def test_ridge_shift_of_a_zero_singular_value_grows_like_sqrt_ridge():
+    """The old docstring claimed |Δσ| ≤ ridge · tr(G)/d: rows of Q and K in orthogonal subspaces give Q Kᵀ = 0,
+    and the ridge lifts σ_1 to ≈ √ε_k ‖Q‖₂ ∝ √ridge, far above ridge · tr(G)/d and inside the √ε bound."""
+    g = gen(18)
+    q = torch.zeros(16, 4, dtype=F64)
+    k = torch.zeros(16, 4, dtype=F64)
+    q[:, :2] = torch.randn(16, 2, generator=g, dtype=F64)
+    k[:, 2:] = torch.randn(16, 2, generator=g, dtype=F64)
+    assert float(torch.linalg.matrix_norm(q @ k.T)) == 0.0
+    shifts = []
+    for ridge in (1e-2, 1e-4, 1e-6):
+        _, _, sigma = lowrank_score_maps(gram(q), gram(k), ridge=ridge)
+        old_claim = ridge * max(float(torch.trace(gram(x))) for x in (q, k)) / 4
+        bound, _, ek, nq, _ = _ridge_shift_bounds(q, k, ridge)
+        assert 10 * old_claim < float(sigma[0]) <= bound
+        assert abs(float(sigma[0]) / (ek**0.5 * nq) - 1) < 1e-2
+        shifts.append(float(sigma[0]))
+    for big, small in zip(shifts[:-1], shifts[1:], strict=True):
+        assert 9.0 < big / small < 11.0  # ridge / 100 -> Δσ / 10: √ridge, not ridge
+
+
 def test_grams_may_share_any_common_scaling():
     """Mean Grams (G / L) give the same maps; only sigma scales by 1 / L."""
     q, k = random_qk(2, **SHAPE, seed=6)
@@ -168,6 +217,28 @@ def test_truncation_errors_property(seed, length, d, rank):
     assert bool((got >= 0).all())
     scale = float(ref.abs().max()) + 1.0
     assert float((got - ref).abs().max()) < 1e-10 * scale
+
+
+def test_truncation_errors_of_float32_grams_are_computed_in_float64():
+    """float32 Grams of data with a wide spectrum and a common offset: tr(G_q G_k), the cross and the quadratic
+    terms cancel to errors ~1e-12 of the total near full rank. In float32 that cancellation left 2e-7 to 4e-7 of
+    the total at full rank (or 0 from the clamp at ranks ≥ ~20), orders of magnitude off the exact errors."""
+    g = gen(0)
+    scale = torch.logspace(2, -3, 64, dtype=F64)
+    q, k = (torch.randn(512, 64, generator=g, dtype=F64) * scale + 10.0 for _ in range(2))
+    gq, gk = gram(q.float()), gram(k.float())
+    pq, pk, _ = lowrank_score_maps(gq, gk, ridge=1e-6)
+    assert pq.dtype == torch.float32
+    got = truncation_errors(gq, gk, pq, pk)
+    assert got.dtype == torch.float32 and got.shape == (65,)
+    total = float((gq.double() * gk.double()).sum())  # tr(G_q G_k), both symmetric
+    assert 0 <= float(got[-1]) / total < 1e-9  # exact error of float32 maps at full rank: ~1e-12 of the total
+    ref = naive_truncation_errors(q, k, pq.double(), pk.double())  # the maps' exact errors on the data, float64
+    torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=1e-12 * total)
+    ref_grams = truncation_errors(gq.double(), gk.double(), pq.double(), pk.double())
+    torch.testing.assert_close(got.double(), ref_grams, rtol=1e-6, atol=0.0)
+    sel = truncation_errors(gq, gk, pq, pk, torch.tensor([64, 0, 32]))
+    torch.testing.assert_close(sel, got[[64, 0, 32]], rtol=1e-6, atol=1e-13 * total)
 
 
 @pytest.mark.parametrize(

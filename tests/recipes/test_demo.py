@@ -8,8 +8,8 @@ from drrl.cli import main
 from drrl.errors import ConfigError
 from drrl.recipes.demo import DemoConfig, run_demo
 
-ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "attn_flops_reduction", "attn_time_ratio",
-            "decode_time_ratio"}  # fmt: skip
+ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "planned_score_flops_reduction",
+            "attn_flops_reduction", "attn_time_ratio", "decode_time_ratio"}  # fmt: skip
 
 
 def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
@@ -17,11 +17,13 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
                      calib_windows=2, policy_steps=2, betas=(0.05, 0.5), taus=(0.97,), timing_repeats=1)  # fmt: skip
     rep = run_demo(cfg, tmp_path, quiet=True)
     names = [r["method"] for r in rep["rows"]]
-    for need in ("full", "static", "random", "energy", "drrl", "drrl-beta=0.5"):
+    for need in ("full", "static", "random", "energy", "drrl", "drrl-beta=0.5", "drrl-frozen"):
         assert need in names
     for r in rep["rows"]:
         assert ROW_KEYS <= set(r)
         assert r["ppl"] > 1 and r["attn_time_ratio"] > 0 and r["decode_time_ratio"] > 0
+        # every segment runs at its own rank: what executes is what the decided ranks count
+        assert r["score_flops_reduction"] == pytest.approx(r["planned_score_flops_reduction"], abs=1e-12)
     rows = {r["method"]: r for r in rep["rows"]}
     assert rows["full"]["ppl_ratio"] == 1 and rows["full"]["score_flops_reduction"] == 0
     # a static rank below d saves exactly its share of the score FLOPs (the scores are all it changes)
@@ -34,6 +36,31 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
     assert "| drrl |" in report and "pareto.png" in report
     grid = on_disk["rank_grids"]["drrl"]
     assert len(grid) == 2 and len(grid[0]) == 4  # layers x segments
+    # the frozen ablation replays drrl's mean ranks (nearest bucket) as a table: the same ranks on every window
+    frozen = on_disk["rank_grids"]["drrl-frozen"]
+    nearest = [[min(on_disk["buckets"], key=lambda b, x=x: (abs(b - x), -b)) for x in row] for row in grid]
+    assert frozen == nearest
+    assert on_disk["input_adaptivity"]["drrl-frozen"] == 0.0 and on_disk["input_adaptivity"]["static"] == 0.0
+    assert 0 <= on_disk["input_adaptivity"]["drrl"] <= 1 and "Input adaptivity" in report
+
+
+def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, text_corpus, tmp_path):
+    cfg = DemoConfig(model=tiny_model_dir, corpus=text_corpus, context=64, segment=16, bucket=4, eval_windows=2,
+                     calib_windows=2, policy_steps=2, betas=(0.5,), taus=(0.97,), timing_repeats=1, static_ranks=(),
+                     budgets=(0.4,))  # fmt: skip
+    rep = run_demo(cfg, tmp_path, quiet=True)
+    rows = {r["method"]: r for r in rep["rows"]}
+    for name in ("drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%"):
+        assert name in rows
+    # the static rows meet the budget by construction (buckets 4..16: the uniform bucket within 60% is 8)
+    assert rep["budgets"]["@40%"]["uniform_rank"] == 8 and rows["static@40%"]["score_flops_reduction"] == 0.5
+    assert rows["alloc@40%"]["score_flops_reduction"] >= 0.4 - 1e-9
+    alloc = rep["budgets"]["@40%"]["allocation"]
+    assert len(alloc) == 2 and sum(alloc) / (2 * 16) <= 0.6 + 1e-9
+    assert rep["budgets"]["@40%"]["tuned_fraction"] <= 0.6 + 1e-9  # the cost shift meets it on the tuning windows
+    sens = rep["budgets"]["sensitivity"]
+    assert sens["ranks"] == [8, 16] and sens["forwards"] == 1 + 2 * 1
+    assert "`alloc@B`" in (tmp_path / "report.md").read_text()
 
 
 def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsys):

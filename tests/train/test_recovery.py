@@ -14,13 +14,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj")
 TOKENS = np.tile(np.arange(10, dtype=np.uint16), 60)  # a repeating pattern: easy to learn in a few steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model runs ~100x faster on one thread when the cores are shared with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
 
 
 def _model(seed: int = 0):
@@ -82,7 +76,7 @@ def test_kd_loss_is_zero_for_identical_student_and_teacher():
 
 
 @pytest.fixture(scope="module")
-def recovered(_one_thread):
+def recovered(one_thread):
     model = _model()
     original = copy.deepcopy(model)
     cfg = _cfg(steps=30)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 import torch
@@ -65,12 +65,16 @@ class Feedback:
     """What the executed decisions of one sequence (``row``) bought, in the order they were decided: per
     decision the cosine fidelity of the segment's output against a full-rank teacher (0-d tensors), the
     segment's attention cost at the executed rank over its cost at full rank, and the guardrail bound at the
-    executed rank divided by its trivial maximum √(2·rows), clipped to 1 (0-d tensors). All in [0, 1]."""
+    executed rank divided by its trivial maximum √(2·rows), clipped to 1 (0-d tensors). All in [0, 1].
+    ``rank_fraction`` (r / d_head) and ``pairs`` (the segment's unmasked query-key pairs) give the segment's
+    share of the score FLOPs, Σ pairs·rank_fraction / Σ pairs, which a budget is stated on."""
 
     row: int
     fidelity: list[torch.Tensor]
     cost: list[float]
     bound: list[torch.Tensor]
+    rank_fraction: list[float] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
 
 
 def segment_fidelity(y: torch.Tensor, teacher: torch.Tensor, segment: int) -> torch.Tensor:

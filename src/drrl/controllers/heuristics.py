@@ -77,3 +77,41 @@ class EnergyController(RankController):
         ok = (stats.energy >= self.tau) & stats.allowed
         ok[:, -1] = True  # r_max always qualifies
         return ok.float().argmax(-1).cpu()  # first True
+
+
+@register_controller("table")
+class TableController(RankController):
+    """A fixed rank per (layer, segment index): ``table[layer][segment]`` (a segment past the end of its row
+    takes the row's last rank). One column per layer is a static per-layer allocation; a learned policy's
+    mean ranks replayed as a table are its "frozen" ablation. One instance serves every layer of a model."""
+
+    needs_stats = False
+
+    def __init__(self, table):
+        super().__init__()
+        rows = [[int(r) for r in row] for row in table]
+        if not rows or any(not row for row in rows):
+            raise ValueError("controller 'table' needs a non-empty rank table: one row of ranks per layer")
+        self.table = rows
+
+    @classmethod
+    def from_options(cls, options: dict, buckets: list[int]) -> TableController:
+        table = options.get("table")
+        if table is None:
+            raise ValueError("controller 'table' needs table= a list of rank rows, one per layer")
+        ctrl = cls(table)
+        bad = sorted({r for row in ctrl.table for r in row} - set(buckets))
+        if bad:
+            raise ValueError(f"table ranks {bad} are not buckets; buckets are {buckets}")
+        return ctrl
+
+    def forward(self, stats: SegmentStats) -> torch.Tensor:
+        if not 0 <= stats.layer < len(self.table):
+            raise ValueError(f"the rank table has {len(self.table)} rows, no row for layer {stats.layer}")
+        row, buckets = self.table[stats.layer], stats.buckets.tolist()
+        n = stats.energy.shape[0]
+        ranks = [row[min(s, len(row) - 1)] for s in range(n)]
+        missing = sorted(set(ranks) - set(buckets))
+        if missing:
+            raise ValueError(f"table ranks {missing} are not buckets; buckets are {buckets}")
+        return torch.tensor([buckets.index(r) for r in ranks], dtype=torch.long)

@@ -21,10 +21,19 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def gram_root(g: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """Upper-triangular R with Rᵀ R = G + ridge · (tr G / d) · I, by Cholesky. (..., d, d) -> (..., d, d).
+    """Upper-triangular R with Rᵀ R = G + ε·I, ε = ridge · tr(G)/d, by Cholesky. (..., d, d) -> (..., d, d).
 
-    A small relative ridge keeps real (ill-conditioned) query/key Grams factorable in float32; it moves
-    the singular values by at most ridge · tr(G)/d and leaves P_q P_kᵀ = I at full rank exactly.
+    A small relative ridge keeps real (ill-conditioned) query/key Grams factorable in float32 and leaves
+    P_q P_kᵀ = I at full rank exactly. It moves the singular values of the core by a √ε amount, not by ε:
+    with ε_q, ε_k the ridges of G_q, G_k, the ridged core has the singular values of Q'K'ᵀ for the stacked
+    Q' = [Q; √ε_q I], K' = [K; √ε_k I], and Q'K'ᵀ = [[Q Kᵀ, √ε_k Q], [√ε_q Kᵀ, √(ε_q ε_k) I]] holds Q Kᵀ as a
+    block, so by interlacing and Weyl's inequality
+
+        0 ≤ σ_j(ridged) − σ_j(Q Kᵀ) ≤ √ε_k ‖Q‖₂ + √ε_q ‖K‖₂ + √(ε_q ε_k),   ‖Q‖₂ = ‖G_q‖₂^{1/2}, ‖K‖₂ = ‖G_k‖₂^{1/2}.
+
+    The √ε order is reached where Q Kᵀ is rank-deficient (a zero σ_j becomes ≈ √ε_k ‖Q‖₂ when the rows of Q and
+    of K span orthogonal subspaces). A σ_j > 0 moves by at most (ε_k ‖Q‖₂² + ε_q ‖K‖₂² + ε_q ε_k) / (2 σ_j) (Weyl on
+    σ_j² = eigenvalues of G_q^{1/2} G_k G_q^{1/2}), which is O(ε) for σ_j well above √ε.
     Raises ``torch.linalg.LinAlgError`` when the (ridged) Gram is not positive definite.
     """
     d = g.shape[-1]
@@ -82,7 +91,12 @@ def truncation_errors(
     Works for stale bases too (maps fitted on other data), which makes it the refresh and guardrail
     test: ‖M − M̃‖² = tr(G_q G_k) − 2 tr(P_kᵀ G_k G_q P_q) + tr((P_qᵀ G_q P_q)(P_kᵀ G_k P_k)), each term
     restricted to the leading r columns through an (R, n_ranks) indicator matrix. Cost O(d² R + d R²).
+    The terms are each of the order of tr(G_q G_k) and cancel down to the error, so they are computed in float64
+    whatever the inputs' dtype (float32 leaves 1e-7 to 1e-6 of tr(G_q G_k) of rounding, far above the tail errors of
+    good maps near full rank); the result is returned in the inputs' dtype.
     """
+    dtype = torch.promote_types(torch.promote_types(gq.dtype, gk.dtype), torch.promote_types(pq.dtype, pk.dtype))
+    gq, gk, pq, pk = (t.to(torch.float64) for t in (gq, gk, pq, pk))
     R = pq.shape[-1]
     if ranks is None:
         ranks = torch.arange(R + 1, device=pq.device)
@@ -92,7 +106,7 @@ def truncation_errors(
     f = (pq.transpose(-2, -1) @ gqp) * (pk.transpose(-2, -1) @ gkp)  # X ∘ Y, (..., R, R)
     m = (torch.arange(R, device=pq.device)[:, None] < ranks.to(pq.device)[None, :]).to(pq.dtype)  # (R, n)
     quad = (m * (f @ m)).sum(-2)  # Σ_{i,j<r} X_ij Y_ij
-    return (total.unsqueeze(-1) - 2 * (cross @ m) + quad).clamp(min=0)
+    return (total.unsqueeze(-1) - 2 * (cross @ m) + quad).clamp(min=0).to(dtype)
 
 
 # ----------------------------------------------------------------------------- naive references (tests)

@@ -30,10 +30,11 @@ import torch
 
 from drrl import flops
 from drrl.attention.drrl import calibrating
-from drrl.controllers import attach_controller, build_controller
+from drrl.controllers import TableController, attach_controller, build_controller
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError
+from drrl.eval.allocation import layer_sensitivity, static_allocation
 from drrl.eval.machine import machine
 from drrl.eval.perplexity import evaluate_lm
 from drrl.integrations.hf import _geometry, apply_dynamic_rank, cache_bytes_per_token
@@ -73,6 +74,11 @@ class DemoConfig:
     timing_repeats: int = 3
     seed: int = 0
     device: str = "cpu"
+    # budgets (score-FLOPs cuts in (0, 1)): per budget, DR-RL trained to meet it (``drrl@B``: a Lagrange multiplier
+    # on its cost, then an inference-time cost shift tuned on training windows), its frozen table, the static
+    # per-layer allocation searched against the loss (``alloc@B``) and the uniform static rank within it
+    budgets: tuple[float, ...] = ()
+    sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
 
     def __post_init__(self):
         for name in ("context", "segment", "bucket", "eval_windows", "calib_windows", "timing_repeats"):
@@ -82,6 +88,10 @@ class DemoConfig:
             raise ConfigError(f"demo policy_steps must be >= 0, got {self.policy_steps}")
         if not self.betas:
             raise ConfigError("demo needs at least one β (e.g. --betas 0.05)")
+        if any(not 0 < b < 1 for b in self.budgets):
+            raise ConfigError(f"budgets are score-FLOPs cuts in (0, 1), got {self.budgets}")
+        if self.sensitivity_windows < 1:
+            raise ConfigError(f"demo sensitivity_windows must be >= 1, got {self.sensitivity_windows}")
         if any(not 0 < t <= 1 for t in self.taus):
             raise ConfigError(f"energy thresholds tau must be in (0, 1], got {self.taus}")
         if any(not (math.isfinite(b) and b >= 0) for b in self.betas):
@@ -111,19 +121,34 @@ class MethodResult:
     train_seconds: float = 0.0
     policy_updates: int = 0
     reward_history: list = field(default_factory=list)
+    planned_scores: float = 0.0  # Q·Kᵀ FLOPs the decided ranks count (flops["scores"] is what executed)
+    window_grids: list = field(default_factory=list)  # per evaluation window: (layers, segments) executed ranks
+
+    @property
+    def adaptivity(self) -> float | None:
+        """Fraction of (layer, segment) cells whose rank differs between evaluation windows (0: a fixed table)."""
+        if len(self.window_grids) < 2:
+            return None
+        g = np.stack(self.window_grids)
+        return float((g != g[:1]).any(0).mean())
 
     @property
     def reductions(self) -> dict:
         if not self.flops:
-            return {"score_flops_reduction": 0.0, "attention_flops_reduction": 0.0}
-        return flops.reductions(self.flops, self.full_flops)
+            return {
+                "score_flops_reduction": 0.0,
+                "attention_flops_reduction": 0.0,
+                "planned_score_flops_reduction": 0.0,
+            }
+        red = flops.reductions(self.flops, self.full_flops)
+        return {**red, "planned_score_flops_reduction": 1 - self.planned_scores / self.full_flops["scores"]}
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def _layer_stats(layers) -> tuple[float, Counter, Counter, float, float]:
-    fl, full, rank_tokens, tokens, plan_s, ctrl_s = Counter(), Counter(), 0.0, 0, 0.0, 0.0
+def _layer_stats(layers) -> tuple[float, Counter, Counter, float, float, float]:
+    fl, full, rank_tokens, tokens, plan_s, ctrl_s, planned = Counter(), Counter(), 0.0, 0, 0.0, 0.0, 0.0
     for m in layers:
         st = m.pop_stats(with_flops=True)
         if not st:
@@ -134,7 +159,8 @@ def _layer_stats(layers) -> tuple[float, Counter, Counter, float, float]:
             (full if k.startswith("full_") else fl)[k.removeprefix("full_")] += v
         plan_s += st["time"].get("plan", 0.0)
         ctrl_s += st["time"].get("controller", 0.0)
-    return (rank_tokens / tokens if tokens else 0.0), fl, full, plan_s, ctrl_s
+        planned += st["planned_score_flops"]
+    return (rank_tokens / tokens if tokens else 0.0), fl, full, plan_s, ctrl_s, planned
 
 
 def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = False) -> MethodResult:
@@ -143,41 +169,41 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
     for m in layers:
         m.pop_stats()
     bar = progress(total=len(windows), desc=desc, unit="win", disable=quiet, leave=False)
-    grid, seen = None, {"tokens": 0, "seconds": 0.0}
+    grids, seen = [], {"tokens": 0, "seconds": 0.0}
 
     def on_window(n_tok: int, seconds: float) -> None:
-        nonlocal grid
         seen["tokens"] += n_tok
         seen["seconds"] += seconds
         bar.update(1)
         bar.set_postfix(tok_s=f"{seen['tokens'] / seen['seconds']:.0f}")
         if layers:
-            g = np.array([m.last_plan.ranks for m in layers], dtype=float)
-            grid = g if grid is None else grid + g
+            grids.append(np.array([m.last_plan.ranks for m in layers], dtype=float))
 
     # the LLM is frozen (eval mode); its drrl layers and controllers keep the modes the job gave them
     res = evaluate_lm(model, windows, batch_size=1, device=next(model.parameters()).device, on_batch=on_window,
                       set_eval=False)  # fmt: skip
     bar.close()
-    mean_rank, fl, full, plan_s, ctrl_s = _layer_stats(layers)
+    mean_rank, fl, full, plan_s, ctrl_s, planned = _layer_stats(layers)
     return MethodResult(
         desc, res["ppl"], mean_rank, dict(fl), dict(full), plan_s, ctrl_s, seen["seconds"],
-        None if grid is None else (grid / len(windows)).tolist(),
+        np.mean(grids, 0).tolist() if grids else None, planned_scores=planned, window_grids=grids,
     )  # fmt: skip
 
 
-def train_policy(model, layers, windows, cfg: DemoConfig, beta: float, quiet: bool = False):
-    """Fit a fresh rank policy for reward weight β with PPO on ``windows``, the LM frozen (``policy`` mode)."""
+def train_policy(model, layers, windows, cfg: DemoConfig, beta: float, quiet: bool = False, budget=None):
+    """Fit a fresh rank policy for reward weight β with PPO on ``windows``, the LM frozen (``policy`` mode). With a
+    ``budget`` (a score-FLOPs cut) β is the initial Lagrange multiplier of the cost, moved towards the budget."""
     torch.manual_seed(cfg.seed)
     ctrl = attach_controller(layers, "rl", seed=cfg.seed)
     rl = RLConfig(
         lr=cfg.policy_lr, discount=cfg.discount, gae_lambda=0.95 if cfg.discount else 0.0, alpha=cfg.alpha, beta=beta,
-        gamma=cfg.gamma, eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1),
+        gamma=cfg.gamma, eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1), budget=budget,
     )  # fmt: skip
     trainer = PolicyTrainer(ctrl, rl, seed=cfg.seed)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    bar = progress(range(cfg.policy_steps), desc=f"policy β={beta:g}", unit="step", disable=quiet, leave=False)
+    what = f"β={beta:g}" if budget is None else f"budget {100 * budget:g}%"
+    bar = progress(range(cfg.policy_steps), desc=f"policy {what}", unit="step", disable=quiet, leave=False)
     history = []
     for step in bar:
         ctrl.train()
@@ -192,7 +218,7 @@ def train_policy(model, layers, windows, cfg: DemoConfig, beta: float, quiet: bo
         bar.set_postfix(reward=f"{mean_r:.4f}", tok_s=f"{(step + 1) * ids.shape[1] / (time.perf_counter() - t0):.0f}")
         for m in layers:
             m.pop_stats()
-        log.debug("policy β=%g step %d: %s", beta, step, stats)
+        log.debug("policy %s step %d: %s", what, step, stats)
     ctrl.eval()
     return ctrl, time.perf_counter() - t0, history
 
@@ -230,6 +256,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     buckets = layers[0].buckets.tolist()
 
     setups, matched = _evaluate_methods(model, layers, results, eval_w, policy_w, cfg, quiet)
+    budget_info = _budget_methods(model, layers, results, setups, eval_w, policy_w, calib_w, cfg, quiet)
     attach_controller(layers, build_controller("fixed", rank=buckets[-1]))  # capture a full-rank pass's q, k, v
     qkv = capture_qkv(model, layers, eval_w[0])
     timing = time_methods(layers, qkv, setups, cfg.timing_repeats)
@@ -241,9 +268,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
         "buckets": buckets,
         "matched_static_rank": matched,
         "policy_overhead": _policy_overhead(results["drrl"]),
+        "budgets": budget_info,
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
         "rank_grids": {n: r.rank_grid for n, r in results.items() if r.rank_grid is not None},
+        # fraction of (layer, segment) cells whose rank differs between evaluation windows
+        "input_adaptivity": {n: r.adaptivity for n, r in results.items() if r.adaptivity is not None},
         "reward_history": {
             n: [x if math.isfinite(x) else None for x in r.reward_history]
             for n, r in results.items()
@@ -281,6 +311,11 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
         res.train_seconds, res.policy_updates = secs, ctrl.updates
         res.reward_history = history
         results[name] = res
+        if i == 0:  # the ablation "frozen": the policy's mean rank per (layer, segment) replayed as a fixed table
+            table = _nearest_buckets(res.rank_grid, buckets)
+            setups["drrl-frozen"] = install(lambda table=table: TableController(table))
+            setups["drrl-frozen"]()
+            results["drrl-frozen"] = perplexity(model, eval_w, layers, desc="drrl-frozen", quiet=quiet)
     # the heuristics
     drrl_rank = results["drrl"].mean_rank
     matched = min(buckets, key=lambda b: (abs(b - drrl_rank), -b))
@@ -300,6 +335,94 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
         results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
 
     return setups, matched
+
+
+def executed_fraction(model, layers, windows) -> float:
+    """Executed score-FLOPs fraction of the drrl ``layers`` over forward passes on ``windows`` (their controllers as
+    installed, in their current modes)."""
+    device = next(model.parameters()).device
+    for m in layers:
+        m.pop_stats()
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w.to(device)[None, :-1], use_cache=False)
+    fl = [m.pop_stats(with_flops=True).get("flops", {}) for m in layers]
+    return sum(f.get("scores", 0) for f in fl) / max(sum(f.get("full_scores", 0) for f in fl), 1)
+
+
+def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 6) -> tuple[float, float]:
+    """The smallest inference-time cost shift (:attr:`~drrl.rl.RLController.cost_shift`) whose greedy decisions
+    execute at most 1 − ``budget`` of the score FLOPs on ``windows`` (training data): doubling, then ``steps``
+    bisection steps. Returns (shift, executed fraction on ``windows``)."""
+    target = 1 - budget
+    ctrl.cost_shift = 0.0
+    frac = executed_fraction(model, layers, windows)
+    if frac <= target:
+        return 0.0, frac
+    lo, hi = 0.0, 1.0
+    while (f_hi := _fraction_at(ctrl, hi, model, layers, windows)) > target and hi < 2**12:
+        lo, hi = hi, 2 * hi
+    frac = f_hi
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        f_mid = _fraction_at(ctrl, mid, model, layers, windows)
+        if f_mid <= target:
+            hi, frac = mid, f_mid
+        else:
+            lo = mid
+    ctrl.cost_shift = hi
+    return hi, frac
+
+
+def _fraction_at(ctrl, shift: float, model, layers, windows) -> float:
+    ctrl.cost_shift = shift
+    return executed_fraction(model, layers, windows)
+
+
+def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w, calib_w, cfg: DemoConfig, quiet):
+    """Every method at each budget of ``cfg.budgets`` (see :class:`DemoConfig`), evaluated into ``results``; returns
+    what each budget's methods were given (the shift, the allocation, the search's cost)."""
+    if not cfg.budgets:
+        return {}
+    buckets = layers[0].buckets.tolist()
+    r_max, device = buckets[-1], next(model.parameters()).device
+    # the loss of each layer alone at every other bucket (and r_max), on calibration windows
+    cand = sorted({*buckets[1::2], r_max}) if len(buckets) > 2 else buckets
+    sens_w = [w.to(device) for w in calib_w[: cfg.sensitivity_windows]]
+    bar = progress(total=1 + len(layers) * (len(cand) - 1), desc="layer sensitivity", unit="fwd", disable=quiet,
+                   leave=False)  # fmt: skip
+    t0 = time.perf_counter()
+    sens = layer_sensitivity(model, layers, sens_w, cand, device=device, on_step=lambda: bar.update(1))
+    bar.close()
+    info = {"sensitivity": {"ranks": sens.ranks, "loss": sens.loss, "base": sens.base, "forwards": sens.forwards,
+                            "seconds": time.perf_counter() - t0}}  # fmt: skip
+    tune_w = policy_w[:2]
+    for b in cfg.budgets:
+        tag = f"@{100 * b:g}%"
+        ctrl, secs, history = train_policy(model, layers, policy_w, cfg, cfg.betas[0], quiet, budget=b)
+        ctrl.eval()
+        shift, tuned = meet_budget(ctrl, model, layers, tune_w, b)
+        setups["drrl" + tag] = lambda ctrl=ctrl: attach_controller(layers, ctrl)
+        setups["drrl" + tag]()
+        res = perplexity(model, eval_w, layers, desc="drrl" + tag, quiet=quiet)
+        res.train_seconds, res.policy_updates, res.reward_history = secs, ctrl.updates, history
+        results["drrl" + tag] = res
+        frozen = _nearest_buckets(res.rank_grid, buckets)
+        uniform = max([r for r in buckets if r <= (1 - b) * r_max + 1e-9] or buckets[:1])  # the budget's bucket
+        alloc = static_allocation(sens, b)
+        for name, table in (("drrl-frozen" + tag, frozen), ("alloc" + tag, alloc), ("static" + tag, [[uniform]])):
+            table = table if len(table) == len(layers) else table * len(layers)
+            setups[name] = lambda table=table: attach_controller(layers, TableController(table))
+            setups[name]()
+            results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
+        info[tag] = {"budget": b, "lagrange": ctrl.lagrange, "cost_shift": shift, "tuned_fraction": tuned,
+                     "allocation": [row[0] for row in alloc], "uniform_rank": uniform}  # fmt: skip
+    return info
+
+
+def _nearest_buckets(grid: list, buckets: list[int]) -> list[list[int]]:
+    """Each cell of a mean-rank grid rounded to the nearest bucket (the larger one on a tie)."""
+    return [[min(buckets, key=lambda b, x=x: (abs(b - x), -b)) for x in row] for row in grid]
 
 
 def _r_max(model) -> int:
@@ -326,7 +449,8 @@ def _rows(results: dict[str, MethodResult], timing: dict, model, cfg: DemoConfig
         red = r.reductions
         # the decode cache keeps keys at width r_max (a dynamic method may need any bucket later); a static rank
         # only needs its own width
-        cache_rank = None if name == "full" else (int(round(r.mean_rank)) if name.startswith("static") else d)
+        static = name.startswith(("static", "alloc"))  # one rank per layer: keys cached at that width
+        cache_rank = None if name == "full" else (int(round(r.mean_rank)) if static else d)
         t = timing.get(name, {"attn_time_ratio": 1.0, "decode_time_ratio": 1.0})
         rows.append(
             {
@@ -334,6 +458,7 @@ def _rows(results: dict[str, MethodResult], timing: dict, model, cfg: DemoConfig
                 "ppl": r.ppl,
                 "ppl_ratio": r.ppl / full_ppl,
                 "mean_rank": r.mean_rank if name != "full" else float(d),
+                "planned_score_flops_reduction": red["planned_score_flops_reduction"],
                 "score_flops_reduction": red["score_flops_reduction"],
                 "attn_flops_reduction": red["attention_flops_reduction"],
                 "attn_time_ratio": t["attn_time_ratio"],

@@ -11,11 +11,12 @@ from drrl.utils import atomic_path
 
 def render_table(rows: list[dict]) -> str:
     head = (
-        "| method | ppl | Δ ppl % | mean rank | score-FLOPs red. | attn-FLOPs red. | attn time × | decode time × "
-        "| cache bytes × |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | ppl | Δ ppl % | mean rank | score-FLOPs red. planned | executed | attn-FLOPs red. | attn time × "
+        "| decode time × | cache bytes × |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
         f"| {r['method']} | {r['ppl']:.2f} | {100 * (r['ppl_ratio'] - 1):+.1f} | {r['mean_rank']:.1f} "
+        f"| {100 * r.get('planned_score_flops_reduction', r['score_flops_reduction']):.1f}% "
         f"| {100 * r['score_flops_reduction']:.1f}% | {100 * r['attn_flops_reduction']:.1f}% "
         f"| {r['attn_time_ratio']:.2f} | {r['decode_time_ratio']:.2f} | {r['cache_bytes_ratio']:.2f} |"
         for r in rows
@@ -36,17 +37,51 @@ DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), re
 
 {render_table(rep["rows"])}
 - FLOPs are counted by `drrl.flops` for the attention layers only (scores, softmax, PV, rank-r maps, Grams and
-  statistics, the policy); "score" counts Q·Kᵀ alone. Times are the attention layers on one window's captured
+  statistics, the policy); "score" counts Q·Kᵀ alone: "planned" at the ranks decided, "executed" at the widths the
+  products run at (each segment runs at its own rank, so the two agree; the CPU kernel's zero padding of narrow
+  q/k to d_head is not counted in either). Times are the attention layers on one window's captured
   queries/keys/values (prefill) and one decode step per layer against the window's cache, as ratios to full
   attention (SDPA; for decode the same kernel on full-width keys), median of {c["timing_repeats"]} interleaved repeats.
 - Cache bytes: keys at width r once per KV head plus full-width values. Dynamic methods keep r_max columns.
+- Input adaptivity (the share of (layer, segment) cells whose rank differs between evaluation windows; 0 is a
+  fixed table): {_adaptivity(rep)}. `drrl-frozen` replays `drrl`'s mean rank per cell, rounded to the nearest
+  bucket, as a fixed table (the ablation: what the policy's input-dependence buys).
 - Planning (state features, policy forward, rank bookkeeping) took {100 * po["plan_fraction"]:.1f}% of the model's
   forward time during the `drrl` evaluation (policy forward alone {100 * po["controller_fraction"]:.1f}%).
 
+{_budgets(rep)}
 ![pareto](pareto.png)
 
 ![ranks](ranks.png)
 """
+
+
+def _budgets(rep: dict) -> str:
+    """The budget rows' settings: the loss search behind alloc@B, each policy's multiplier and cost shift."""
+    info = rep.get("budgets") or {}
+    if not info:
+        return ""
+    sens = info["sensitivity"]
+    lines = [
+        f"Budgets: `alloc@B` is a rank per layer from ranks {sens['ranks']}, chosen by an exact knapsack on each "
+        f"layer's measured loss at each rank ({sens['forwards']} forward passes, {sens['seconds']:.0f} s); "
+        "`static@B` the largest uniform bucket within the budget; `drrl@B` a policy trained with a Lagrange "
+        "multiplier λ on its score FLOPs, then greedy with a cost shift tuned on two training windows; "
+        "`drrl-frozen@B` its mean ranks as a table."
+    ]
+    for tag, b in info.items():
+        if tag == "sensitivity":
+            continue
+        lines.append(
+            f"- {tag}: λ = {b['lagrange']:.3g}, shift {b['cost_shift']:.3g} (executed fraction "
+            f"{b['tuned_fraction']:.3f} on the tuning windows), allocation {b['allocation']}, uniform {b['uniform_rank']}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _adaptivity(rep: dict) -> str:
+    items = [(n, a) for n, a in rep.get("input_adaptivity", {}).items() if n.startswith("drrl") or n == "energy"]
+    return ", ".join(f"`{n}` {100 * a:.1f}%" for n, a in items) or "not measured (one window)"
 
 
 def plots(rep: dict, out: Path) -> None:
@@ -57,18 +92,23 @@ def plots(rep: dict, out: Path) -> None:
 
     rows = {r["method"]: r for r in rep["rows"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    groups = [("static", "s-", "static rank"), ("energy", "^-", "energy rule"), ("drrl", "o-", "DR-RL (β sweep)")]
+    groups = [("static", "s-", "static rank"), ("energy", "^-", "energy rule"), ("drrl", "o-", "DR-RL"),
+              ("alloc", "d-", "static per-layer allocation")]  # fmt: skip
     for ax, key, what in zip(axes, ("score_flops_reduction", "attn_flops_reduction"),
                              ("score (Q·Kᵀ) FLOPs", "attention FLOPs, every overhead counted"), strict=True):  # fmt: skip
         for prefix, style, label in groups:
-            pts = sorted((1 - r[key], r["ppl"]) for n, r in rows.items() if n.startswith(prefix))
+            pts = sorted(
+                (1 - r[key], r["ppl"])
+                for n, r in rows.items()
+                if n.startswith(prefix) and not n.startswith("drrl-frozen")
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=label)
-        for n in ("random", "full"):
+        for n, marker in (("random", "x"), ("full", "*"), ("drrl-frozen", "D")):
             if n in rows:
-                ax.plot(1 - rows[n][key], rows[n]["ppl"], "x" if n == "random" else "*", ms=10, label=n)
+                ax.plot(1 - rows[n][key], rows[n]["ppl"], marker, ms=10 if marker != "D" else 6, label=n)
         for n, r in rows.items():
-            if n.startswith("drrl"):
+            if n.startswith("drrl") and not n.startswith("drrl-frozen"):
                 ax.annotate(n.removeprefix("drrl-") if n != "drrl" else f"beta={rep['config']['betas'][0]:g}",
                             (1 - r[key], r["ppl"]), fontsize=7)  # fmt: skip
         ax.set_xlabel(f"{what} relative to full")

@@ -25,11 +25,19 @@ class RLConfig:
     eps_start: float = 0.1  # ε-greedy exploration, linear over eps_decay_steps policy updates
     eps_end: float = 0.0
     eps_decay_steps: int = 1000
+    # a score-FLOPs cut in (0, 1) to meet instead of trading fidelity against β: β becomes the initial Lagrange
+    # multiplier λ of the cost, moved after every update by λ ← λ·exp(lagrange_lr·(executed − (1 − budget)))
+    budget: float | None = None
+    lagrange_lr: float = 1.0
 
     def __post_init__(self):
         for name in ("lr", "clip", "epochs", "eps_decay_steps"):
             require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
         for name in ("loss_weight", "value_coef", "entropy_coef", "alpha", "beta", "gamma"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        if self.budget is not None:
+            require(0 < self.budget < 1, "budget", f"must be a score-FLOPs cut in (0, 1), got {self.budget}")
+            require(self.beta > 0, "beta", "is the initial Lagrange multiplier when a budget is set: must be > 0")
+        require(self.lagrange_lr > 0, "lagrange_lr", f"must be > 0, got {self.lagrange_lr}")
         for name in ("discount", "gae_lambda", "eps_start", "eps_end"):
             require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")

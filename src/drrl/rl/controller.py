@@ -9,7 +9,7 @@ import torch
 from drrl.controllers import Feedback, RankController, SegmentStats, register_controller
 from drrl.rl.policy import EpsilonSchedule, RankPolicy, sample
 from drrl.rl.ppo import Episode
-from drrl.rl.reward import RewardConfig, reward
+from drrl.rl.reward import RewardConfig, budget_reward, reward
 
 
 @register_controller("rl")
@@ -56,6 +56,11 @@ class RLController(RankController):
         self.generator = torch.Generator().manual_seed(seed)
         self._rows: dict[int, dict] = {}
         self._last_len = self._last_new = 0
+        self.lagrange = self.reward_cfg.beta  # the cost's multiplier λ when the reward has a budget
+        # greedy decisions maximise logit − cost_shift·(rank / r_max): an inference-time multiplier on the rank that
+        # a caller tunes so that the greedy policy meets a budget on held-in windows (never used while exploring)
+        self.cost_shift = 0.0
+        self.spent = [0.0, 0.0]  # Σ pairs·r/d and Σ pairs of the decisions rewarded since the last update
 
     @property
     def wants_feedback(self) -> bool:
@@ -95,7 +100,11 @@ class RLController(RankController):
         with torch.no_grad():
             logits, values = self.policy(*(t.to(param.device) for t in self._tensors(ep)))
         n = len(segs)
-        a, lp = sample(logits[-n:].cpu(), allowed[segs], eps, self.generator, greedy=not explore)
+        logits = logits[-n:].cpu()
+        if not explore and self.cost_shift:
+            frac = stats.buckets.cpu().to(logits.dtype) / stats.buckets[-1].item()
+            logits = logits - self.cost_shift * frac
+        a, lp = sample(logits, allowed[segs], eps, self.generator, greedy=not explore)
         ep["actions"].extend(a.tolist()), ep["logp"].extend(lp.tolist()), ep["values"].extend(values[-n:].tolist())
         out[segs] = a
         ep["below"] = dict(zip(segs, a.tolist(), strict=True))
@@ -116,10 +125,19 @@ class RLController(RankController):
         """The rewards (:func:`drrl.rl.reward.reward`) of the decisions just executed for ``feedback.row``, in the
         order they were decided."""
         cfg = self.reward_cfg
-        rewards = [
-            float(reward(f, torch.tensor(c), b, cfg))
-            for f, c, b in zip(feedback.fidelity, feedback.cost, feedback.bound, strict=True)
-        ]
+        if cfg.budget is None:
+            rewards = [
+                float(reward(f, torch.tensor(c), b, cfg))
+                for f, c, b in zip(feedback.fidelity, feedback.cost, feedback.bound, strict=True)
+            ]
+        else:
+            frac = torch.tensor(feedback.rank_fraction, dtype=torch.float64)
+            pairs = torch.tensor(feedback.pairs, dtype=torch.float64)
+            fid = torch.stack([f.double().cpu() for f in feedback.fidelity])
+            bound = torch.stack([b.double().cpu() for b in feedback.bound])
+            rewards = budget_reward(fid, frac, pairs, bound, self.lagrange, cfg).tolist()
+            self.spent[0] += float((pairs * frac).sum())
+            self.spent[1] += float(pairs.sum())
         self._rows[feedback.row]["rewards"].extend(rewards)
 
     def collect(self) -> list:

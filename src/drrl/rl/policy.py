@@ -85,7 +85,9 @@ def mixture_log_probs(logits: torch.Tensor, allowed: torch.Tensor, eps: float | 
     if eps.dim() == 1:
         eps = eps[:, None]
     p = (1 - eps) * logits.softmax(-1) + eps * allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
-    return p.clamp(min=0).log().masked_fill(~allowed, float("-inf"))
+    # log(0) on a masked bucket would make its gradient 0/0 (NaN everywhere after backward): take the log of 1
+    # there, then mask
+    return torch.where(allowed, p, 1.0).clamp(min=0).log().masked_fill(~allowed, float("-inf"))
 
 
 def sample(logits, allowed, eps: float, generator: torch.Generator | None = None, greedy: bool = False):

@@ -6,6 +6,9 @@ branch (computed without gradient on the steps that train the policy); cost: att
 at rank r over those at full rank (drrl.flops: QKᵀ, softmax, PV); bound: the guardrail bound of drrl.linalg at
 the executed rank, divided by its trivial maximum √(2·rows) and clipped to 1, so that all three terms live in
 [0, 1]. The learned controller weighs them here. Defaults are the paper's α = 1.0, β = 0.05, γ = 0.1.
+
+With a budget (a score-FLOPs cut the user states instead of β) the cost weight is a Lagrange multiplier λ that
+training moves until the executed cut meets the budget (:func:`budget_reward`, :class:`drrl.rl.PolicyTrainer`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from drrl.controllers.base import cost_ratio, segment_fidelity
 
-__all__ = ["RewardConfig", "cost_ratio", "reward", "segment_fidelity"]
+__all__ = ["RewardConfig", "budget_reward", "cost_ratio", "reward", "segment_fidelity"]
 
 
 @dataclass
@@ -24,8 +27,25 @@ class RewardConfig:
     alpha: float = 1.0
     beta: float = 0.05
     gamma: float = 0.1
+    budget: float | None = None  # a score-FLOPs cut to meet: β is then a Lagrange multiplier (budget_reward)
 
 
 def reward(fidelity: torch.Tensor, cost: torch.Tensor, bound: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
     """Elementwise R = α·fidelity − β·cost − γ·bound."""
     return cfg.alpha * fidelity - cfg.beta * cost - cfg.gamma * bound
+
+
+def budget_reward(
+    fidelity: torch.Tensor,
+    rank_fraction: torch.Tensor,
+    pairs: torch.Tensor,
+    bound: torch.Tensor,
+    lagrange: float,
+    cfg: RewardConfig,
+) -> torch.Tensor:
+    """The Lagrangian reward of a budgeted policy, elementwise over one layer's decisions of one sequence:
+    R = α·fidelity − λ·w·(r/d) − γ·bound, with w = pairs / mean(pairs) the segment's weight in the score
+    FLOPs (Σ w·r/d / Σ w is the executed score-FLOPs fraction the budget bounds) and λ the multiplier
+    that :class:`~drrl.rl.trainer.PolicyTrainer` moves towards the budget (dual ascent)."""
+    w = pairs / pairs.mean().clamp(min=1e-12)
+    return cfg.alpha * fidelity - lagrange * w * rank_fraction - cfg.gamma * bound

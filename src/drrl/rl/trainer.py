@@ -11,6 +11,8 @@ modes), the demo's policy fitting on a frozen LLM and classification fine-tuning
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from drrl.rl.config import RLConfig
@@ -28,7 +30,8 @@ class PolicyTrainer:
     """
 
     def __init__(self, controller: RLController, cfg: RLConfig, *, seed: int, comm=None):
-        controller.reward_cfg = RewardConfig(cfg.alpha, cfg.beta, cfg.gamma)
+        controller.reward_cfg = RewardConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.budget)
+        controller.lagrange = cfg.beta
         controller.epsilon = EpsilonSchedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps)
         controller.generator.manual_seed(seed)
         self.controller, self.cfg = controller, cfg
@@ -36,6 +39,7 @@ class PolicyTrainer:
             cfg.lr, cfg.clip, cfg.discount, cfg.gae_lambda, cfg.value_coef, cfg.entropy_coef, cfg.epochs
         )
         self.ppo = PPO(controller.policy, ppo_cfg, comm=comm)
+        self.comm = comm
         self.episodes: list[Episode] = []
 
     @property
@@ -58,14 +62,35 @@ class PolicyTrainer:
         stats = self.ppo.update(self.episodes, scale=scale)
         if stats:
             stats["epsilon"] = self.controller.epsilon(self.controller.updates)
+        if self.cfg.budget is not None:
+            stats.update(self._dual_step())
         self.controller.updates += 1
         self.episodes = []
         return stats
 
+    def _dual_step(self) -> dict:
+        """Dual ascent on the budget: λ grows while the rollout's executed score-FLOPs fraction is above
+        1 − budget and shrinks while below (a multiplicative step, so λ needs no scale of its own). Every
+        process takes the same step (the fractions are summed across processes first)."""
+        ctrl = self.controller
+        spent, pairs = ctrl.spent if self.comm is None else self.comm.sum(ctrl.spent)
+        ctrl.spent = [0.0, 0.0]
+        if not pairs:
+            return {}
+        fraction = spent / pairs
+        gap = fraction - (1 - self.cfg.budget)
+        ctrl.lagrange = min(max(ctrl.lagrange * math.exp(self.cfg.lagrange_lr * gap), 1e-6), 1e6)
+        return {"score_fraction": fraction, "budget_gap": gap, "lagrange": ctrl.lagrange}
+
     def state_dict(self) -> dict:
         """Updates so far and the exploration stream (the optimizer is saved beside it by the caller)."""
-        return {"updates": self.controller.updates, "generator": self.controller.generator.get_state().tolist()}
+        return {
+            "updates": self.controller.updates,
+            "generator": self.controller.generator.get_state().tolist(),
+            "lagrange": self.controller.lagrange,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.controller.updates = int(state["updates"])
+        self.controller.lagrange = float(state.get("lagrange", self.cfg.beta))
         self.controller.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))

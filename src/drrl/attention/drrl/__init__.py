@@ -19,8 +19,11 @@ forward pass executes), layer (the module), cache (decode cache and export).
 
 Causality: the basis and the rank used at positions of segment s depend only on tokens of the same
 sequence before segment s (or on calibration data): bases, statistics and ranks are planned per
-sequence, so no row of a batch sees another row's tokens. Keys of all earlier positions are projected with the basis of the queries'
-segment, so one attention call covers each run of segments that share a basis version.
+sequence, so no row of a batch sees another row's tokens (in training mode every row of a batch warm-starts its
+online refreshes from the basis of the previous call, never from another row's). Keys of all earlier positions are
+projected with the basis of the queries' segment, once per basis version at its largest rank; every segment runs
+at its own rank (a slice of those keys: basis columns are ordered), one attention call per run of consecutive
+segments with equal rank, so the executed score FLOPs are the planned ones.
 
 Kernel paths (``kernel_path``): on CPU, SDPA runs its fused kernel only when q, k and v share a width,
 so rank-r queries and keys are zero-padded back to d_head (identical result, full cost: CPU prefill

@@ -99,7 +99,7 @@ class BasisMixin:
         e, b = self._static_stats[key]
         return e, None if b is None else b * (length / self.cal_tokens.item())
 
-    def _refresh_online(self, dr: Draft, gq, gk, gv, finite: torch.Tensor, device, sdt) -> None:
+    def _refresh_online(self, dr: Draft, gq, gk, gv, finite: torch.Tensor, device, sdt, warm: torch.Tensor) -> None:
         """Online bases for segments 1.. of ``dr``: segment s gets a basis refreshed on the prefix Grams < s when
         the version in use is stale, kept while the exact kept energy at every bucket stays within
         ``refresh_tol`` of its value at the refresh (drrl.linalg.truncation_errors: the exact error of a stale
@@ -109,7 +109,7 @@ class BasisMixin:
         so they run on the CPU; statistics and attention stay on the device."""
         n_seg, d = len(dr.seg_maps), self.d_head
         cpu = torch.device("cpu")
-        s, z = 1, self.z.to(cpu, sdt)
+        s, z = 1, warm.to(cpu, sdt)
         eye = torch.eye(d, dtype=sdt)
         while s < n_seg:
             if not bool(finite[s]):
@@ -134,10 +134,6 @@ class BasisMixin:
             version = (z.to(device), (gqr @ z).to(device))  # P_q = Z, P_k = G_q Z, frozen for the run
             dr.new_version[s] = True
             s = self._keep_version(dr, s, version, gq, gk, gv, finite, device)
-        if self.training:
-            last = next((m for m in reversed(dr.seg_maps) if m is not None), None)
-            if last is not None:
-                self.z.copy_(last[0].to(self.z.dtype))
 
     def _keep_version(self, dr: Draft, s: int, version, gq, gk, gv, finite, device) -> int:
         """Assign ``version`` (refreshed at segment s) to segments s, s+1, ... while it stays fresh, measuring

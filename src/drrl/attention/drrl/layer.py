@@ -1,6 +1,6 @@
-"""The DR-RL attention layer: configuration, buffers, and each forward pass (plan per sequence, one SDPA call
-per run of segments sharing a basis, feedback to a learning controller, counters); decode and export entry
-points. Calibration and statistics live in :mod:`.basis`, planning in :mod:`.plan`, kernels in :mod:`.kernels`."""
+"""The DR-RL attention layer: configuration, buffers, and each forward pass (plan per sequence, each segment at its
+own rank with one SDPA call per run of equal ranks, feedback to a learning controller, counters); decode and export
+entry points. Calibration and statistics live in :mod:`.basis`, planning in :mod:`.plan`, kernels in :mod:`.kernels`."""
 
 from __future__ import annotations
 
@@ -209,13 +209,17 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
                 self._feedback(plans[0], q, k, v, out, 0, scale)
         else:  # bases, statistics and ranks per sequence: row b never sees another row's tokens
             plans, outs = [], []
+            warm = self.z.clone()  # every row warm-starts from the basis of the previous call, none from a row's
             for b in range(B):
                 qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
-                plans.append(self.plan(qb, kb, vb, row=b))
+                plans.append(self.plan(qb, kb, vb, row=b, warm=warm))
                 outs.append(self._execute(qb, kb, vb, plans[-1], scale))
                 if self.controller.wants_feedback:
                     self._feedback(plans[-1], qb, kb, vb, outs[-1], b, scale)
             out = torch.cat(outs)
+            last = plans[-1].last_basis
+            if self.training and last is not None:  # the next call starts where this batch's last row ended
+                self.z.copy_(last.to(self.z.device, self.z.dtype))
         self.last_plans, self.last_plan = plans, plans[0]
         self._totals["calls"] += 1
         if self.training:
@@ -223,35 +227,48 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         return out
 
     def _execute(self, q, k, v, plan: Plan, scale: float) -> torch.Tensor:
-        """Run ``plan`` on (B, H, L, d) q, k, v: one SDPA call per run of segments sharing a basis."""
+        """Run ``plan`` on (B, H, L, d) q, k, v: each segment at its own rank. Per run of segments sharing a basis,
+        the keys are projected once at the run's largest rank (the basis columns are ordered by singular value, so
+        a smaller rank is a slice); consecutive segments of equal rank share one SDPA call."""
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
         outs, paths = [], set()
         fc = plan.flops
         for blk in plan.blocks:
-            a, b = blk.s0 * T, min(blk.s1 * T, L)
+            b = min(blk.s1 * T, L)
             if blk.maps is None:
-                qb, kb = q[:, :, a:b], self._expand(k[:, :, :b])
+                runs = [(blk.s0, blk.s1, d)]
+                kb = self._expand(k[:, :, :b])
             else:
                 pq, pk = (m.to(q.dtype) for m in blk.maps)
                 ranks = plan.ranks[blk.s0 : blk.s1]
                 w = max(ranks)
-                pq = pq[..., :w] if self.group == 1 else pq[..., :w].repeat_interleave(self.group, 0)
-                qb = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq)
                 kb = self._expand(torch.einsum("bhld,hdr->bhlr", k[:, :, :b], pk[..., :w]))
-                fc["maps"] += B * (H * flops.matmul(b - a, d, w) + self.n_kv_head * flops.matmul(b, d, w))
-                if min(ranks) < w:  # zero the trailing columns of segments with a smaller rank
-                    seg_r = torch.tensor(ranks, device=q.device).repeat_interleave(T)[: b - a]
-                    qb = qb * (torch.arange(w, device=q.device) < seg_r[:, None]).to(qb.dtype)
-            y, path, entries = sdpa_lowrank(qb, kb, self._expand(v[:, :, :b]), a, scale, self.causal)
-            outs.append(y)
-            paths.add(path)
-            width = d if path.startswith("sdpa-padded") else qb.shape[-1]
-            plan.kernel_score_flops += B * H * 2 * width * entries
-        for s, r in enumerate(plan.ranks):
+                fc["maps"] += B * self.n_kv_head * flops.matmul(b, d, w)
+                pq = pq if self.group == 1 else pq.repeat_interleave(self.group, 0)
+                runs = _equal_runs(ranks, blk.s0)
+            vb = self._expand(v[:, :, :b])
+            for s0, s1, r in runs:
+                a, e = s0 * T, min(s1 * T, L)
+                if blk.maps is None:
+                    qr, kr = q[:, :, a:e], kb[:, :, :e]
+                else:
+                    qr = torch.einsum("bhld,hdr->bhlr", q[:, :, a:e], pq[..., :r])
+                    kr = kb[:, :, :e, :r]
+                    fc["maps"] += B * H * flops.matmul(e - a, d, r)
+                y, path, entries = sdpa_lowrank(qr, kr, vb[:, :, :e], a, scale, self.causal)
+                outs.append(y)
+                paths.add(path)
+                width = d if path.startswith("sdpa-padded") else qr.shape[-1]
+                plan.kernel_score_flops += B * H * 2 * width * entries
+                # executed: the width the q/k products really have (the CPU kernel's zero padding is in kernel_*)
+                core = flops.attention_core(flops.causal_pairs(a, e - a, self.causal, L), qr.shape[-1], d)
+                fc.update({key: val * B * H for key, val in core.items()})
+        for s, r in enumerate(plan.ranks):  # planned: what the counted ranks promise
             a, n = s * T, min(T, L - s * T)
-            core = flops.attention_core(flops.causal_pairs(a, n, self.causal, L), r, d)
-            fc.update({key: val * B * H for key, val in core.items()})
+            plan.planned_score_flops += (
+                B * H * flops.attention_core(flops.causal_pairs(a, n, self.causal, L), r, d)["scores"]
+            )
         fc["controller"] += len(plan.ranks) * self.controller.flops_per_decision(len(self.buckets))
         plan.path = "+".join(sorted(paths))
         self._record(plan, (B, H, L, d))
@@ -282,6 +299,8 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             rows = self.group * max(s * T, min(T, L))
             fb.fidelity.append(fidelity[s])
             fb.cost.append(cost_ratio(r, d, s * T, min(T, L - s * T), self.causal))
+            fb.rank_fraction.append(r / d)
+            fb.pairs.append(flops.causal_pairs(s * T, min(T, L - s * T), self.causal, L))
             fb.bound.append((bound / math.sqrt(2 * rows)).clamp(max=1.0).cpu())
         self.controller.observe(fb)
 
@@ -295,6 +314,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         t["refreshes"] += plan.refreshes
         t["fallbacks"] += plan.fallbacks
         t["qr_fallbacks"] += plan.qr_fallbacks
+        t["planned_scores"] += plan.planned_score_flops
         for i, r in enumerate(plan.ranks):  # per segment index: the rank decisions of this layer, logged
             t[f"seg_rank:{i}"] += B * r
             t[f"seg_n:{i}"] += B
@@ -315,8 +335,12 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             "fallbacks": t["fallbacks"],
             "qr_fallbacks": t["qr_fallbacks"],
             "calls": t["calls"],
-            # Q·Kᵀ FLOPs saved against full attention at the same shapes (counted pairs, causal weighting)
+            # Q·Kᵀ FLOPs saved against full attention at the same shapes (counted pairs, causal weighting): as
+            # executed (the widths the products run at), and as planned (the ranks decided; equal since every
+            # segment runs at its own rank, kept so that a regression shows)
             "score_flops_reduction": 1 - t["flops:scores"] / max(t["flops:full_scores"], 1),
+            "planned_score_flops_reduction": 1 - t["planned_scores"] / max(t["flops:full_scores"], 1),
+            "planned_score_flops": t["planned_scores"],
             "hf_exact_calls": t["hf_exact_calls"],  # calls a Hugging Face wrapper ran exactly (padding, HF cache)
             # mean executed rank of each segment index (0, 1, ...) over the sequences since the last call
             "segment_ranks": [t[f"seg_rank:{i}"] / t[f"seg_n:{i}"] for i in range(_n_segments(t))],
@@ -363,6 +387,17 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         if rank not in self.buckets.tolist():
             raise ValueError(f"rank must be one of the buckets {self.buckets.tolist()}, got {rank}")
         return ExportedLowRankAttention.from_drrl(self, rank, fold=fold)
+
+
+def _equal_runs(ranks: list[int], start: int) -> list[tuple[int, int, int]]:
+    """Maximal runs (s0, s1, rank) of consecutive segments with the same rank; segment indices from ``start``."""
+    runs = []
+    for i, r in enumerate(ranks):
+        if runs and runs[-1][2] == r:
+            runs[-1] = (runs[-1][0], start + i + 1, r)
+        else:
+            runs.append((start + i, start + i + 1, r))
+    return runs
 
 
 def _n_segments(t: Counter) -> int:

@@ -47,8 +47,10 @@ class Plan:
     stats: SegmentStats | None = None
     flops: Counter = field(default_factory=Counter)  # algorithmic FLOPs by category (drrl.flops)
     kernel_score_flops: int = 0  # QKᵀ FLOPs the kernel runs (padded to d_head on CPU; masked blocks in full)
+    planned_score_flops: int = 0  # QKᵀ FLOPs the per-segment ranks count (flops["scores"]: what executed)
     path: str = ""
     qr_fallbacks: int = 0  # refreshes whose CholeskyQR2 fell back to Householder QR
+    last_basis: torch.Tensor | None = None  # P_q of the last basis version (the next call's warm start)
 
 
 @dataclass
@@ -83,21 +85,23 @@ class PlanMixin:
     statistics of :class:`~drrl.attention.drrl.basis.BasisMixin` are used here)."""
 
     @torch.no_grad()
-    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0) -> Plan:
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int = 0, warm=None) -> Plan:
         """Decide bases and ranks for every segment of one sequence's post-RoPE q, k, v, each (1, H, L, d).
 
-        Statistics run in float32 (float64 for float64 inputs) with autocast off, whatever the caller's
-        precision. Returns a :class:`Plan`; no gradient flows through it.
+        ``warm`` is the basis the online refreshes warm-start from (default: the layer's running basis ``z``);
+        :meth:`attend` passes every row of a batch the same one, so no row starts from a basis fitted on
+        another row's tokens. Statistics run in float32 (float64 for float64 inputs) with autocast off, whatever
+        the caller's precision. Returns a :class:`Plan`; no gradient flows through it.
         """
         if q.shape[0] != 1:
             raise ValueError(f"plan() takes one sequence (batch 1), got batch {q.shape[0]}; attend() plans per row")
         t0 = time.perf_counter()
         with torch.autocast(q.device.type, enabled=False), torch.autocast("cpu", enabled=False):
-            plan = self._plan(q, k, v, row)
+            plan = self._plan(q, k, v, row, self.z if warm is None else warm)
         self._totals["time:plan"] += time.perf_counter() - t0  # host wall time (CPU timing; async on CUDA)
         return plan
 
-    def _plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int) -> Plan:
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row: int, warm: torch.Tensor) -> Plan:
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
         n_seg = -(-L // T)
@@ -132,9 +136,11 @@ class PlanMixin:
         else:
             if calibrated:
                 dr.seg_maps[0], dr.decide[0], dr.new_version[0] = cal_maps, True, True
-            self._refresh_online(dr, gq, gk, gv, finite, q.device, sdt)
+            self._refresh_online(dr, gq, gk, gv, finite, q.device, sdt, warm)
         self._executed_stats(dr, gq, gk, gv, sdt, q.device, L)
-        return self._decide(dr, row, seq_feats, d)
+        plan = self._decide(dr, row, seq_feats, d)
+        plan.last_basis = next((m[0] for m in reversed(dr.seg_maps) if m is not None), None)
+        return plan
 
     def _prefix_grams(self, q, k, v, n_seg: int, sdt, fc: Counter, calibrated: bool):
         """Exclusive prefix Grams (n_seg, H_kv, d, d) of queries (summed over each group), keys and (for the

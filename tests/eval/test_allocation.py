@@ -1,0 +1,78 @@
+"""The static per-layer allocation: an exact knapsack against brute force, and the sensitivity search on a tiny
+GPT whose layers differ."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drrl.attention import calibrating
+from drrl.controllers import TableController, attach_controller
+from drrl.eval.allocation import allocate, layer_sensitivity, static_allocation, table_fraction
+from drrl.models import GPT, GPTConfig
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(st.integers(0, 4), st.floats(-1, 5)), min_size=1, max_size=3), min_size=1, max_size=4),
+    st.integers(0, 12),
+)
+def test_allocate_is_the_exact_knapsack_optimum(items, capacity):
+    costs = [[c for c, _ in it] for it in items]
+    losses = [[v for _, v in it] for it in items]
+    feasible = [
+        combo
+        for combo in itertools.product(*(range(len(c)) for c in costs))
+        if sum(costs[i][j] for i, j in enumerate(combo)) <= capacity
+    ]
+    if not feasible:
+        with pytest.raises(ValueError, match="no allocation fits"):
+            allocate(costs, losses, capacity)
+        return
+    got = allocate(costs, losses, capacity)
+    assert sum(costs[i][j] for i, j in enumerate(got)) <= capacity
+    best = min(sum(losses[i][j] for i, j in enumerate(combo)) for combo in feasible)
+    assert sum(losses[i][j] for i, j in enumerate(got)) == pytest.approx(best, abs=1e-9)
+
+
+def test_sensitivity_finds_the_layer_that_needs_rank():
+    """A GPT whose layer 0's attention output is switched off (any rank gives the same loss) and whose layer 1
+    attends sharply with a large output: at a budget, the search cuts layer 0 to the smallest bucket and gives layer 1 the rank."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, d_model=32, context=64, vocab_size=64, attention="drrl",
+                    attention_kwargs={"controller": "fixed", "rank": 16, "basis": "calibrated", "segment": 16,
+                                      "bucket": 4})  # fmt: skip
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight.zero_()
+        model.blocks[1].attn.qkv.weight[:64] *= 8  # sharp scores: their rank matters
+        model.blocks[1].attn.proj.weight *= 10
+    layers = [b.attn for b in model.blocks]
+    windows = [torch.randint(0, 64, (65,), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with calibrating(model):
+        for w in windows:
+            model(w[None, :-1])
+    sens = layer_sensitivity(model, layers, windows[:2], ranks=[4, 8, 12, 16])
+    assert sens.forwards == 1 + 2 * 3 and len(sens.loss) == 2 and sens.loss[0][-1] == sens.base
+    cut0 = sens.loss[0][0] - sens.base
+    cut1 = sens.loss[1][0] - sens.base
+    assert cut0 == 0 and cut1 > 1e-3  # layer 1 pays for rank 4, layer 0 nothing
+    table = static_allocation(sens, budget=0.375)  # 10 of 16 on average: (4, 16)
+    assert table_fraction(table, 16) <= 0.625
+    assert table[0] == [4] and table[1][0] >= 12  # (layer 1 happens to lose a little less at 12 than at 16)
+    attach_controller(layers, TableController(table))
+    model(windows[2][None, :-1])
+    assert [m.last_plan.ranks[-1] for m in layers] == [table[0][0], table[1][0]]
+
+
+def test_bad_budgets_and_ranks_are_clear_errors():
+    from drrl.eval.allocation import Sensitivity
+
+    with pytest.raises(ValueError, match="budget"):
+        static_allocation(Sensitivity([8, 16], [[0.0, 0.0]], 0.0, 1), budget=1.0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=32, context=16, vocab_size=16, attention="drrl",
+                          attention_kwargs={"controller": "fixed", "rank": 16, "bucket": 8}))  # fmt: skip
+    with pytest.raises(ValueError, match="ending at r_max"):
+        layer_sensitivity(model, [model.blocks[0].attn], [torch.arange(9)], ranks=[8])
