@@ -36,6 +36,13 @@ def _floats(s: str) -> tuple[float, ...]:
     return vals
 
 
+def _names(s: str) -> tuple[str, ...]:
+    vals = tuple(x.strip() for x in s.split(",") if x.strip())
+    if not vals:
+        raise argparse.ArgumentTypeError("expected comma-separated names, e.g. kl,cosine")
+    return vals
+
+
 def _positive(s: str) -> int:
     try:
         v = int(s)
@@ -160,6 +167,10 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
                     help="score-FLOPs cuts, e.g. 0.25,0.4: per budget, DR-RL trained to meet it, its frozen table, "
                          "a static per-layer allocation searched against the loss and the uniform static rank, all "
                          "at that cut (adds about 2 minutes per budget plus a one-off search)")  # fmt: skip
+    dm.add_argument("--fidelities", type=_names, default=("cosine",),
+                    help="the policies' reward fidelity: cosine (each layer's attention output against full rank) "
+                         "and/or kl (the next-token distribution against the full-rank model's); the first names "
+                         "drrl, the others add -<fidelity> (default: cosine)")  # fmt: skip
     dm.add_argument("--repeats", type=_positive, default=3, help="timing repeats (default: 3)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     dm.add_argument("--trust-remote-code", action="store_true",
@@ -321,7 +332,8 @@ def cmd_demo(args) -> int:
     kw = dict(model=args.model, corpus=args.corpus, context=args.context, segment=args.segment,
               eval_windows=args.windows, calib_windows=args.calib_windows, policy_steps=args.policy_steps,
               betas=args.betas, taus=args.taus, timing_repeats=args.repeats, device=args.device,
-              trust_remote_code=args.trust_remote_code, budgets=args.budgets)  # fmt: skip
+              trust_remote_code=args.trust_remote_code, budgets=args.budgets,
+              fidelities=args.fidelities)  # fmt: skip
     if args.quick:
         kw.update(context=256, segment=64, eval_windows=2, calib_windows=2, policy_steps=2, timing_repeats=1,
                   static_ranks=(32,))  # fmt: skip

@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from drrl.cli import main
-from drrl.errors import ConfigError
-from drrl.recipes.demo import DemoConfig, run_demo
+from drrl.errors import ConfigError, DataError
+from drrl.recipes.demo import DemoConfig, protocol_windows, run_demo
 
 ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "planned_score_flops_reduction",
             "attn_flops_reduction", "attn_time_ratio", "decode_time_ratio"}  # fmt: skip
@@ -47,17 +48,19 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
 def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, text_corpus, tmp_path):
     cfg = DemoConfig(model=tiny_model_dir, corpus=text_corpus, context=64, segment=16, bucket=4, eval_windows=2,
                      calib_windows=2, policy_steps=2, betas=(0.5,), taus=(0.97,), timing_repeats=1, static_ranks=(),
-                     budgets=(0.4,))  # fmt: skip
+                     budgets=(0.4,), fidelities=("kl", "cosine"))  # fmt: skip
     rep = run_demo(cfg, tmp_path, quiet=True)
     rows = {r["method"]: r for r in rep["rows"]}
-    for name in ("drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%"):
+    for name in ("drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%", "drrl-cosine@40%",
+                 "drrl-frozen-cosine@40%", "drrl", "drrl-cosine", "drrl-frozen-cosine"):  # fmt: skip
         assert name in rows
     # the static rows meet the budget by construction (buckets 4..16: the uniform bucket within 60% is 8)
     assert rep["budgets"]["@40%"]["uniform_rank"] == 8 and rows["static@40%"]["score_flops_reduction"] == 0.5
     assert rows["alloc@40%"]["score_flops_reduction"] >= 0.4 - 1e-9
     alloc = rep["budgets"]["@40%"]["allocation"]
     assert len(alloc) == 2 and sum(alloc) / (2 * 16) <= 0.6 + 1e-9
-    assert rep["budgets"]["@40%"]["tuned_fraction"] <= 0.6 + 1e-9  # the cost shift meets it on the tuning windows
+    for p in rep["budgets"]["@40%"]["policies"].values():
+        assert p["tuned_fraction"] <= 0.6 + 1e-9  # the cost shift meets it on the tuning windows
     sens = rep["budgets"]["sensitivity"]
     assert sens["ranks"] == [8, 16] and sens["forwards"] == 1 + 2 * 1
     assert "`alloc@B`" in (tmp_path / "report.md").read_text()
@@ -84,3 +87,13 @@ def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, cap
     afile.write_text("x")
     assert main(["-q", "demo", "--model", tiny_model_dir, "--out", str(afile)]) != 0
     assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
+
+
+def test_calibration_and_policy_windows_are_disjoint():
+    train = np.arange(1000)
+    calib, policy = protocol_windows(train, 6, 12, 65)
+    seen_c = {int(t) for w in calib for t in w}
+    seen_p = {int(t) for w in policy for t in w}
+    assert len(calib) == 6 and len(policy) == 12 and not seen_c & seen_p
+    with pytest.raises(DataError, match="two disjoint halves"):
+        protocol_windows(train, 2, 2, 600)

@@ -100,6 +100,11 @@ def test_hybrid_training_resumes_exactly(tiny_overrides_list, tmp_path):
         (["train.mode=hybrid"], "set model.attention=drrl and model.attention_kwargs.controller=rl"),
         (["model.attention=drrl", "model.attention_kwargs.controller=rl"], "needs train.mode=hybrid"),
         (["rl.discount=1.5"], "discount"),
+        (["rl.budget=1.2"], "budget"),
+        (
+            ["model.attention=drrl", "model.attention_kwargs.controller=rl", "train.mode=hybrid", "rl.fidelity=kl"],
+            "rl.fidelity",
+        ),
     ],
 )
 def test_rl_configuration_errors(tiny_overrides_list, overrides, match):

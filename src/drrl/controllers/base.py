@@ -100,6 +100,8 @@ class RankController(nn.Module):
         needs_stats: False lets the attention skip the per-segment statistics (``energy`` is then all ones).
         needs_bound: True asks for the guardrail bound even without a guard.
         wants_feedback: True makes the attention score each executed decision and call :meth:`observe`.
+        needs_teacher: False spares the attention its full-rank teacher branch: the feedback then carries no
+            fidelity (NaN), which the controller measures elsewhere (e.g. from the model's output distribution).
         shared: one instance decides for every layer of a model; the attention holds a
             :class:`PendingController` until :func:`attach_controller` builds it with :meth:`for_layers`.
         learns: a training loop must fit it (``train.mode`` hybrid or policy).
@@ -107,6 +109,7 @@ class RankController(nn.Module):
 
     needs_stats: bool = True
     needs_bound: bool = False
+    needs_teacher: bool = True
     shared: bool = False
     learns: bool = False
     registry_name: str = ""

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from drrl import flops
 from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller, build_controller
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
-from drrl.errors import ConfigError
+from drrl.errors import ConfigError, DataError
 from drrl.eval.allocation import layer_sensitivity, static_allocation
 from drrl.eval.machine import machine
 from drrl.eval.perplexity import evaluate_lm
@@ -43,6 +44,7 @@ from drrl.progress import progress
 from drrl.recipes.demo_report import plots, render_report, render_table
 from drrl.recipes.demo_timing import capture_qkv, time_methods
 from drrl.rl import PolicyTrainer, RLConfig
+from drrl.rl.reward import FIDELITIES
 from drrl.utils import check_out_dir, resolve_device, write_json_atomic, write_text_atomic
 
 __all__ = ["DemoConfig", "MethodResult", "render_report", "render_table", "run_demo"]
@@ -79,6 +81,10 @@ class DemoConfig:
     # per-layer allocation searched against the loss (``alloc@B``) and the uniform static rank within it
     budgets: tuple[float, ...] = ()
     sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
+    # the policies' reward fidelity: "cosine" (each layer's attention output against a full-rank branch) or "kl"
+    # (the model's next-token distribution against the full-rank model's); the first names drrl, drrl@B, the
+    # others add "-<fidelity>" (their first β and the budgets only), so the rewards compare in one table
+    fidelities: tuple[str, ...] = ("cosine",)
 
     def __post_init__(self):
         for name in ("context", "segment", "bucket", "eval_windows", "calib_windows", "timing_repeats"):
@@ -90,6 +96,9 @@ class DemoConfig:
             raise ConfigError("demo needs at least one β (e.g. --betas 0.05)")
         if any(not 0 < b < 1 for b in self.budgets):
             raise ConfigError(f"budgets are score-FLOPs cuts in (0, 1), got {self.budgets}")
+        fids = self.fidelities
+        if not fids or any(f not in FIDELITIES for f in fids) or len(set(fids)) < len(fids):
+            raise ConfigError(f"demo fidelities must be distinct, from {', '.join(FIDELITIES)}; got {fids}")
         if self.sensitivity_windows < 1:
             raise ConfigError(f"demo sensitivity_windows must be >= 1, got {self.sensitivity_windows}")
         if any(not 0 < t <= 1 for t in self.taus):
@@ -190,27 +199,41 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
     )  # fmt: skip
 
 
-def train_policy(model, layers, windows, cfg: DemoConfig, beta: float, quiet: bool = False, budget=None):
+def train_policy(
+    model, layers, windows, cfg: DemoConfig, beta: float, quiet: bool = False, budget=None, fidelity: str = "cosine"
+):
     """Fit a fresh rank policy for reward weight β with PPO on ``windows``, the LM frozen (``policy`` mode). With a
-    ``budget`` (a score-FLOPs cut) β is the initial Lagrange multiplier of the cost, moved towards the budget."""
+    ``budget`` (a score-FLOPs cut) β is the initial Lagrange multiplier of the cost, moved towards the budget. With
+    ``fidelity="kl"`` each step first runs the full-rank model (every layer at r_max) on the window for the teacher's
+    next-token log-probabilities."""
     torch.manual_seed(cfg.seed)
     ctrl = attach_controller(layers, "rl", seed=cfg.seed)
     rl = RLConfig(
         lr=cfg.policy_lr, discount=cfg.discount, gae_lambda=0.95 if cfg.discount else 0.0, alpha=cfg.alpha, beta=beta,
         gamma=cfg.gamma, eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1), budget=budget,
+        fidelity=fidelity,
     )  # fmt: skip
+    full_rank = TableController([[layers[0].buckets[-1].item()]] * len(layers))
     trainer = PolicyTrainer(ctrl, rl, seed=cfg.seed)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    what = f"β={beta:g}" if budget is None else f"budget {100 * budget:g}%"
+    what = (f"β={beta:g}" if budget is None else f"budget {100 * budget:g}%") + f" ({fidelity})"
     bar = progress(range(cfg.policy_steps), desc=f"policy {what}", unit="step", disable=quiet, leave=False)
     history = []
     for step in bar:
+        ids = windows[step % len(windows)].to(device)[None]
+        if fidelity == "kl":  # the teacher: the same frozen model at full rank (each window is seen once per policy)
+            attach_controller(layers, full_rank)
+            with torch.no_grad():
+                teacher = F.log_softmax(model(input_ids=ids[:, :-1], use_cache=False).logits.float(), -1)
+            attach_controller(layers, ctrl)
         ctrl.train()
         trainer.begin()
-        ids = windows[step % len(windows)].to(device)[None]
         with torch.no_grad():
-            model(input_ids=ids[:, :-1], use_cache=False)
+            out = model(input_ids=ids[:, :-1], use_cache=False)
+        if fidelity == "kl":
+            trainer.observe_output(out.logits, teacher, cfg.segment)
+            del teacher
         trainer.collect()
         stats = trainer.update()
         mean_r = stats.get("mean_reward", float("nan"))
@@ -240,8 +263,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     train = load_tokens(cfg.corpus, "train", tok)
     L = cfg.context + 1
     eval_w = spread_windows(test, cfg.eval_windows, L)
-    calib_w = spread_windows(train, cfg.calib_windows, L)
-    policy_w = spread_windows(train, max(cfg.policy_steps, 1), L, offset_frac=0.5)  # between the calibration windows
+    calib_w, policy_w = protocol_windows(train, cfg.calib_windows, max(cfg.policy_steps, 1), L)
 
     results: dict[str, MethodResult] = {}
     results["full"] = perplexity(model, eval_w, desc="full", quiet=quiet)
@@ -299,23 +321,23 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
         return setup
 
     setups: dict = {}
-    # DR-RL: one policy per β
-    policies = {}
-    for i, beta in enumerate(cfg.betas):
-        name = method_name(i, beta)
-        ctrl, secs, history = train_policy(model, layers, policy_w, cfg, beta, quiet)
-        policies[name] = ctrl
-        setups[name] = install(lambda ctrl=ctrl: ctrl)
-        setups[name]()
-        res = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
-        res.train_seconds, res.policy_updates = secs, ctrl.updates
-        res.reward_history = history
-        results[name] = res
-        if i == 0:  # the ablation "frozen": the policy's mean rank per (layer, segment) replayed as a fixed table
-            table = _nearest_buckets(res.rank_grid, buckets)
-            setups["drrl-frozen"] = install(lambda table=table: TableController(table))
-            setups["drrl-frozen"]()
-            results["drrl-frozen"] = perplexity(model, eval_w, layers, desc="drrl-frozen", quiet=quiet)
+    # DR-RL: one policy per β (the first fidelity); the other fidelities with the first β
+    for f_i, fid in enumerate(cfg.fidelities):
+        suffix = "" if f_i == 0 else f"-{fid}"
+        for i, beta in enumerate(cfg.betas if f_i == 0 else cfg.betas[:1]):
+            name = method_name(i, beta) + suffix
+            ctrl, secs, history = train_policy(model, layers, policy_w, cfg, beta, quiet, fidelity=fid)
+            setups[name] = install(lambda ctrl=ctrl: ctrl)
+            setups[name]()
+            res = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
+            res.train_seconds, res.policy_updates = secs, ctrl.updates
+            res.reward_history = history
+            results[name] = res
+            if i == 0:  # the ablation "frozen": the policy's mean rank per (layer, segment) replayed as a table
+                table, frozen = _nearest_buckets(res.rank_grid, buckets), "drrl-frozen" + suffix
+                setups[frozen] = install(lambda table=table: TableController(table))
+                setups[frozen]()
+                results[frozen] = perplexity(model, eval_w, layers, desc=frozen, quiet=quiet)
     # the heuristics
     drrl_rank = results["drrl"].mean_rank
     matched = min(buckets, key=lambda b: (abs(b - drrl_rank), -b))
@@ -335,6 +357,18 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
         results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
 
     return setups, matched
+
+
+def protocol_windows(train, n_calib: int, n_policy: int, length: int):
+    """Calibration windows from the first half of the training split and policy-training windows from the second:
+    disjoint, whatever the corpus size (evaluation reads the test split). Each set is evenly spread over its half."""
+    half = len(train) // 2
+    if half < length:
+        raise DataError(
+            f"the training split has {len(train)} tokens: calibration and policy training need two disjoint halves "
+            f"of at least one window ({length} tokens) each; lower --context or use a larger corpus"
+        )
+    return spread_windows(train[:half], n_calib, length), spread_windows(train[half:], n_policy, length)
 
 
 def executed_fraction(model, layers, windows) -> float:
@@ -399,24 +433,27 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
     tune_w = policy_w[:2]
     for b in cfg.budgets:
         tag = f"@{100 * b:g}%"
-        ctrl, secs, history = train_policy(model, layers, policy_w, cfg, cfg.betas[0], quiet, budget=b)
-        ctrl.eval()
-        shift, tuned = meet_budget(ctrl, model, layers, tune_w, b)
-        setups["drrl" + tag] = lambda ctrl=ctrl: attach_controller(layers, ctrl)
-        setups["drrl" + tag]()
-        res = perplexity(model, eval_w, layers, desc="drrl" + tag, quiet=quiet)
-        res.train_seconds, res.policy_updates, res.reward_history = secs, ctrl.updates, history
-        results["drrl" + tag] = res
-        frozen = _nearest_buckets(res.rank_grid, buckets)
         uniform = max([r for r in buckets if r <= (1 - b) * r_max + 1e-9] or buckets[:1])  # the budget's bucket
         alloc = static_allocation(sens, b)
-        for name, table in (("drrl-frozen" + tag, frozen), ("alloc" + tag, alloc), ("static" + tag, [[uniform]])):
-            table = table if len(table) == len(layers) else table * len(layers)
+        tables = {"alloc" + tag: alloc, "static" + tag: [[uniform]] * len(layers)}
+        info[tag] = {"budget": b, "allocation": [row[0] for row in alloc], "uniform_rank": uniform, "policies": {}}
+        for f_i, fid in enumerate(cfg.fidelities):
+            name = "drrl" + ("" if f_i == 0 else f"-{fid}") + tag
+            ctrl, secs, history = train_policy(model, layers, policy_w, cfg, cfg.betas[0], quiet, budget=b,
+                                               fidelity=fid)  # fmt: skip
+            ctrl.eval()
+            shift, tuned = meet_budget(ctrl, model, layers, tune_w, b)
+            setups[name] = lambda ctrl=ctrl: attach_controller(layers, ctrl)
+            setups[name]()
+            res = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
+            res.train_seconds, res.policy_updates, res.reward_history = secs, ctrl.updates, history
+            results[name] = res
+            tables[name.replace("drrl", "drrl-frozen", 1)] = _nearest_buckets(res.rank_grid, buckets)
+            info[tag]["policies"][name] = {"lagrange": ctrl.lagrange, "cost_shift": shift, "tuned_fraction": tuned}
+        for name, table in tables.items():
             setups[name] = lambda table=table: attach_controller(layers, TableController(table))
             setups[name]()
             results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
-        info[tag] = {"budget": b, "lagrange": ctrl.lagrange, "cost_shift": shift, "tuned_fraction": tuned,
-                     "allocation": [row[0] for row in alloc], "uniform_rank": uniform}  # fmt: skip
     return info
 
 

@@ -72,10 +72,12 @@ def _budgets(rep: dict) -> str:
     for tag, b in info.items():
         if tag == "sensitivity":
             continue
-        lines.append(
-            f"- {tag}: λ = {b['lagrange']:.3g}, shift {b['cost_shift']:.3g} (executed fraction "
-            f"{b['tuned_fraction']:.3f} on the tuning windows), allocation {b['allocation']}, uniform {b['uniform_rank']}"
-        )
+        lines.append(f"- {tag}: allocation {b['allocation']}, uniform {b['uniform_rank']}")
+        for name, p in b["policies"].items():
+            lines.append(
+                f"  - `{name}`: λ = {p['lagrange']:.3g}, cost shift {p['cost_shift']:.3g} (executed fraction "
+                f"{p['tuned_fraction']:.3f} on the tuning windows)"
+            )
     return "\n".join(lines) + "\n"
 
 

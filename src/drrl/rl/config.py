@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from drrl.config import require
+from drrl.rl.reward import FIDELITIES
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RLConfig:
     # multiplier λ of the cost, moved after every update by λ ← λ·exp(lagrange_lr·(executed − (1 − budget)))
     budget: float | None = None
     lagrange_lr: float = 1.0
+    fidelity: str = "cosine"  # the reward's fidelity: "cosine" (each layer's output) or "kl" (the model's output)
 
     def __post_init__(self):
         for name in ("lr", "clip", "epochs", "eps_decay_steps"):
@@ -39,5 +41,8 @@ class RLConfig:
             require(0 < self.budget < 1, "budget", f"must be a score-FLOPs cut in (0, 1), got {self.budget}")
             require(self.beta > 0, "beta", "is the initial Lagrange multiplier when a budget is set: must be > 0")
         require(self.lagrange_lr > 0, "lagrange_lr", f"must be > 0, got {self.lagrange_lr}")
+        require(
+            self.fidelity in FIDELITIES, "fidelity", f"must be one of {', '.join(FIDELITIES)}, got {self.fidelity!r}"
+        )
         for name in ("discount", "gae_lambda", "eps_start", "eps_end"):
             require(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")

@@ -63,6 +63,12 @@ class RLController(RankController):
         self.spent = [0.0, 0.0]  # Σ pairs·r/d and Σ pairs of the decisions rewarded since the last update
 
     @property
+    def needs_teacher(self) -> bool:
+        """The per-layer teacher branch feeds the cosine fidelity only; a KL reward comes from the model's output
+        (:meth:`observe_segments`)."""
+        return self.reward_cfg.fidelity == "cosine"
+
+    @property
     def wants_feedback(self) -> bool:
         """Rewards are measured only while the policy explores and learns (training mode)."""
         return self.explore and self.training
@@ -125,23 +131,47 @@ class RLController(RankController):
         """The rewards (:func:`drrl.rl.reward.reward`) of the decisions just executed for ``feedback.row``, in the
         order they were decided."""
         cfg = self.reward_cfg
+        fidelity = feedback.fidelity
+        if not self.needs_teacher:  # measured on the model's output later (observe_segments): 0 until then
+            fidelity = [torch.zeros(()) for _ in fidelity]
         if cfg.budget is None:
             rewards = [
                 float(reward(f, torch.tensor(c), b, cfg))
-                for f, c, b in zip(feedback.fidelity, feedback.cost, feedback.bound, strict=True)
+                for f, c, b in zip(fidelity, feedback.cost, feedback.bound, strict=True)
             ]
         else:
             frac = torch.tensor(feedback.rank_fraction, dtype=torch.float64)
             pairs = torch.tensor(feedback.pairs, dtype=torch.float64)
-            fid = torch.stack([f.double().cpu() for f in feedback.fidelity])
+            fid = torch.stack([f.double().cpu() for f in fidelity])
             bound = torch.stack([b.double().cpu() for b in feedback.bound])
             rewards = budget_reward(fid, frac, pairs, bound, self.lagrange, cfg).tolist()
             self.spent[0] += float((pairs * frac).sum())
             self.spent[1] += float(pairs.sum())
         self._rows[feedback.row]["rewards"].extend(rewards)
 
+    def observe_segments(self, row: int, fidelity: torch.Tensor) -> None:
+        """The model-level fidelity of ``row``'s segments (e.g. exp(−KL) of the next-token distributions on each
+        segment's tokens, :func:`drrl.rl.reward.segment_kl`), added as α·fidelity[s] to the reward of every
+        decision for segment s (every layer's), after the layers' :meth:`observe` gave the cost and bound terms."""
+        ep = self._rows.get(row)
+        if ep is None:
+            return
+        if len(ep["rewards"]) != len(ep["actions"]):
+            raise RuntimeError("observe_segments() comes after the forward pass (every decision observed)")
+        fid = fidelity.detach().double().cpu().tolist()
+        alpha = self.reward_cfg.alpha
+        ep["rewards"] = [r + alpha * fid[s] for r, s in zip(ep["rewards"], ep["segments"], strict=True)]
+        ep["output_observed"] = True
+
     def collect(self) -> list:
         """Finished episodes (every executed decision rewarded), as PPO episodes; clears the buffer."""
+        if not self.needs_teacher and any(
+            ep["actions"] and not ep.get("output_observed") for ep in self._rows.values()
+        ):
+            raise RuntimeError(
+                "the 'kl' reward needs the model's output: call PolicyTrainer.observe_output(logits, teacher_logprobs, "
+                "segment) after each forward pass, before collect()"
+            )
         eps = self.epsilon(self.updates)
         out = []
         for ep in self._rows.values():

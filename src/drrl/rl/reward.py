@@ -16,10 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from drrl.controllers.base import cost_ratio, segment_fidelity
 
-__all__ = ["RewardConfig", "budget_reward", "cost_ratio", "reward", "segment_fidelity"]
+__all__ = ["FIDELITIES", "RewardConfig", "budget_reward", "cost_ratio", "reward", "segment_fidelity", "segment_kl"]
+
+
+FIDELITIES = ("cosine", "kl")
 
 
 @dataclass
@@ -28,6 +32,14 @@ class RewardConfig:
     beta: float = 0.05
     gamma: float = 0.1
     budget: float | None = None  # a score-FLOPs cut to meet: β is then a Lagrange multiplier (budget_reward)
+    # "cosine": each layer's attention output against a full-rank teacher branch (per layer); "kl": the model's
+    # next-token distribution against the full-rank model's, exp(−KL) on the segment's tokens (segment_kl), shared
+    # by every layer's decision for that segment
+    fidelity: str = "cosine"
+
+    def __post_init__(self):
+        if self.fidelity not in FIDELITIES:
+            raise ValueError(f"reward fidelity must be one of {', '.join(FIDELITIES)}, got {self.fidelity!r}")
 
 
 def reward(fidelity: torch.Tensor, cost: torch.Tensor, bound: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
@@ -49,3 +61,18 @@ def budget_reward(
     that :class:`~drrl.rl.trainer.PolicyTrainer` moves towards the budget (dual ascent)."""
     w = pairs / pairs.mean().clamp(min=1e-12)
     return cfg.alpha * fidelity - lagrange * w * rank_fraction - cfg.gamma * bound
+
+
+def segment_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, segment: int) -> torch.Tensor:
+    """KL(teacher ‖ student) of the next-token distributions, averaged over the tokens of each segment of
+    ``segment`` positions: (B, L, V) logits and (B, L, V) teacher log-probabilities -> (B, n_segments), float32.
+    Position t's prediction is made from tokens ≤ t, so segment s's KL is what the decisions for segment s (in
+    every layer) and those before it bought."""
+    logp = F.log_softmax(student_logits.float(), -1)
+    t = teacher_logprobs.float()
+    kl = (t.exp() * (t - logp)).sum(-1).clamp(min=0)  # (B, L)
+    B, L = kl.shape
+    n = -(-L // segment)
+    kl = F.pad(kl, (0, n * segment - L))
+    counts = F.pad(torch.ones(L, device=kl.device), (0, n * segment - L)).view(n, segment).sum(-1)
+    return kl.view(B, n, segment).sum(-1) / counts

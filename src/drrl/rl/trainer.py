@@ -19,7 +19,7 @@ from drrl.rl.config import RLConfig
 from drrl.rl.controller import RLController
 from drrl.rl.policy import EpsilonSchedule
 from drrl.rl.ppo import PPO, Episode, PPOConfig
-from drrl.rl.reward import RewardConfig
+from drrl.rl.reward import RewardConfig, segment_kl
 
 
 class PolicyTrainer:
@@ -30,7 +30,7 @@ class PolicyTrainer:
     """
 
     def __init__(self, controller: RLController, cfg: RLConfig, *, seed: int, comm=None):
-        controller.reward_cfg = RewardConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.budget)
+        controller.reward_cfg = RewardConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.budget, cfg.fidelity)
         controller.lagrange = cfg.beta
         controller.epsilon = EpsilonSchedule(cfg.eps_start, cfg.eps_end, cfg.eps_decay_steps)
         controller.generator.manual_seed(seed)
@@ -49,6 +49,15 @@ class PolicyTrainer:
     def begin(self) -> None:
         """A new forward pass starts (its decisions form new episodes)."""
         self.controller.begin()
+
+    def observe_output(self, logits: torch.Tensor, teacher_logprobs: torch.Tensor, segment: int) -> torch.Tensor:
+        """The KL reward of the forward pass just run (``fidelity: kl``): per row and segment, exp(−KL) of the
+        model's next-token distribution (``logits`` (B, L, V)) against the full-rank model's (``teacher_logprobs``,
+        computed once per window), credited to every layer's decision for that segment. Returns the KL (B, n)."""
+        kl = segment_kl(logits, teacher_logprobs, segment)
+        for row in range(kl.shape[0]):
+            self.controller.observe_segments(row, torch.exp(-kl[row]))
+        return kl
 
     def collect(self) -> int:
         """Add the finished episodes of the forward passes since :meth:`begin` to the rollout; returns its size."""

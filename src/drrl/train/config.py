@@ -117,6 +117,12 @@ class RunConfig:
             "enough to replicate)",
         )
         require(
+            self.rl.fidelity == "cosine",
+            "rl.fidelity",
+            "kl (the model's output against the full-rank model's) is offered by drrl demo, where the language model "
+            "is frozen; drrl train uses cosine for now",
+        )
+        require(
             not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),
             "model.attention_kwargs.basis",
             "must be online (the default) for training: calibrated bases are fitted to a trained model and go "

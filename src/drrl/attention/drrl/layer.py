@@ -280,13 +280,16 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         hand the controller its :class:`~drrl.controllers.Feedback`: fidelity, cost ratio and bound."""
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
-        teacher = F.scaled_dot_product_attention(
-            q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
-        )
-        teacher_flops = sum(flops.full_attention(B, H, L, d, self.causal).values())
-        plan.flops["teacher"] += teacher_flops
-        self._totals["flops:teacher"] += teacher_flops
-        fidelity = segment_fidelity(y, teacher, T)
+        if getattr(self.controller, "needs_teacher", True):
+            teacher = F.scaled_dot_product_attention(
+                q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
+            )
+            teacher_flops = sum(flops.full_attention(B, H, L, d, self.causal).values())
+            plan.flops["teacher"] += teacher_flops
+            self._totals["flops:teacher"] += teacher_flops
+            fidelity = segment_fidelity(y, teacher, T)
+        else:  # the controller measures fidelity elsewhere (the model's output distribution)
+            fidelity = torch.full((len(plan.ranks),), float("nan"))
         buckets = self.buckets.tolist()
         fb = Feedback(row, [], [], [])
         for s, r in enumerate(plan.ranks):

@@ -1,0 +1,82 @@
+"""The loss-aware reward: exp(−KL) of the model's next-token distribution against the full-rank model's, per
+segment, credited to every layer's decision for that segment."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drrl.controllers import FixedController, attach_controller
+from drrl.models import GPT, GPTConfig
+from drrl.rl import PolicyTrainer, RLConfig
+from drrl.rl.reward import segment_kl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_segment_kl_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 11, 7, generator=g), torch.randn(2, 11, 7, generator=g)
+    t = F.log_softmax(teacher.double(), -1)
+    kl = segment_kl(student, t, 4)
+    assert kl.shape == (2, 3)
+    for b in range(2):
+        for s, (a, e) in enumerate([(0, 4), (4, 8), (8, 11)]):
+            direct = sum(
+                sum(
+                    math.exp(t[b, i, v]) * (t[b, i, v] - F.log_softmax(student[b, i].double(), -1)[v]) for v in range(7)
+                )
+                for i in range(a, e)
+            ) / (e - a)
+            assert kl[b, s].item() == pytest.approx(float(direct), rel=1e-5)
+    assert torch.equal(segment_kl(teacher, F.log_softmax(teacher, -1), 4), torch.zeros(2, 3))
+
+
+def test_kl_reward_equals_two_forwards_and_skips_the_teacher_branch():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, d_model=32, context=32, vocab_size=64, attention="drrl",
+                    attention_kwargs={"controller": "rl", "segment": 8, "bucket": 4})  # fmt: skip
+    model = GPT(cfg)
+    ctrl = model.rank_controller
+    layers = [b.attn for b in model.blocks]
+    trainer = PolicyTrainer(ctrl, RLConfig(alpha=1.0, beta=0.0, gamma=0.0, fidelity="kl"), seed=0)
+    x = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    attach_controller(layers, FixedController(16))  # the full-rank model: its log-probs, once per window
+    with torch.no_grad():
+        teacher = F.log_softmax(model(x), -1)
+    attach_controller(layers, ctrl)
+    for m in layers:
+        m.pop_stats()
+    model.train()
+    trainer.begin()
+    with torch.no_grad():
+        logits = model(x)
+    kl = trainer.observe_output(logits, teacher, 8)
+    assert trainer.collect() == 2
+    stats = [m.pop_stats(with_flops=True) for m in layers]
+    assert all(st["flops"].get("teacher", 0) == 0 for st in stats)  # no per-layer teacher branch
+    direct = (teacher.exp() * (teacher - F.log_softmax(logits, -1))).sum(-1)  # (B, L)
+    for row, ep in enumerate(trainer.episodes):
+        for seg, r in zip(ep.segments.tolist(), ep.rewards.tolist(), strict=True):
+            expect = math.exp(-direct[row, 8 * seg : 8 * seg + 8].mean().item())
+            assert r == pytest.approx(expect, rel=1e-5)
+            assert kl[row, seg].item() == pytest.approx(direct[row, 8 * seg : 8 * seg + 8].mean().item(), abs=1e-6)
+    rewards = torch.cat([e.rewards for e in trainer.episodes])
+    assert rewards.std() > 0  # not a constant: the segments' decisions bought different fidelities
+    assert trainer.update()["mean_reward"] == pytest.approx(rewards.mean().item(), rel=1e-6)
+
+
+def test_the_kl_reward_needs_the_output_before_collecting():
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, context=16, vocab_size=32, attention="drrl",
+                    attention_kwargs={"controller": "rl", "segment": 8, "bucket": 8})  # fmt: skip
+    model = GPT(cfg).train()
+    trainer = PolicyTrainer(model.rank_controller, RLConfig(fidelity="kl"), seed=0)
+    trainer.begin()
+    with torch.no_grad():
+        model(torch.randint(0, 32, (1, 16)))
+    with pytest.raises(RuntimeError, match="observe_output"):  # the fidelity term would be missing
+        trainer.collect()
+    with pytest.raises(ValueError, match="fidelity"):
+        RLConfig(fidelity="loss")
