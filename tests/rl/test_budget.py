@@ -5,69 +5,11 @@ import pytest
 import torch
 
 from drrl.config import FieldError
-from drrl.controllers import Feedback, SegmentStats
-from drrl.flops import causal_pairs
 from drrl.rl import PolicyTrainer, RLConfig, RLController
 from drrl.rl.reward import RewardConfig, budget_reward
-
-BUCKETS = torch.tensor([4, 8, 12, 16])
-
+from tests.rl.toy import BUCKETS, fraction, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
-
-
-D, T, N_SEG = 16, 8, 4
-SENSITIVITY = (1.0, 0.02)  # layer 0 loses fidelity fast below full rank, layer 1 hardly at all
-
-
-class Layer:
-    """A stand-in for an attention layer: fidelity 1 − c·(1 − r/d)² for its sensitivity c."""
-
-    def __init__(self, idx, ctrl):
-        self.idx, self.ctrl = idx, ctrl
-
-    def forward(self, row):
-        nb = len(BUCKETS)
-        stats = SegmentStats(
-            self.idx, BUCKETS, torch.ones(N_SEG, nb), torch.zeros(N_SEG, nb), torch.ones(N_SEG, nb, dtype=torch.bool),
-            torch.ones(N_SEG, dtype=torch.bool), 0, row, torch.zeros(N_SEG, 3),
-        )  # fmt: skip
-        ranks = BUCKETS[self.ctrl(stats)].tolist()
-        if self.ctrl.wants_feedback:
-            c = SENSITIVITY[self.idx]
-            fb = Feedback(row, [torch.tensor(1 - c * (1 - r / D) ** 2) for r in ranks], [0.0] * N_SEG,
-                          [torch.tensor(0.0)] * N_SEG, [r / D for r in ranks],
-                          [causal_pairs(s * T, T) for s in range(N_SEG)])  # fmt: skip
-            self.ctrl.observe(fb)
-        return ranks
-
-
-def fraction(ranks_by_layer):
-    pairs = [causal_pairs(s * T, T) for s in range(N_SEG)]
-    num = sum(p * r / D for ranks in ranks_by_layer for p, r in zip(pairs, ranks, strict=True))
-    return num / (len(ranks_by_layer) * sum(pairs))
-
-
-def train(budget, steps=80, rows=2, beta=0.05):
-    torch.manual_seed(0)
-    ctrl = RLController.for_layers([type("L", (), {"buckets": BUCKETS})()] * 2, seed=0)
-    # decisions are independent here (a bandit): no discounting across them
-    cfg = RLConfig(lr=1e-3, beta=beta, gamma=0.0, budget=budget, eps_start=0.3, eps_end=0.0, eps_decay_steps=steps,
-                   discount=0.0, gae_lambda=0.0)  # fmt: skip
-    trainer = PolicyTrainer(ctrl, cfg, seed=0)
-    layers = [Layer(0, ctrl), Layer(1, ctrl)]
-    history = []
-    for _ in range(steps):
-        ctrl.train()
-        trainer.begin()
-        for row in range(rows):
-            for layer in layers:
-                layer.forward(row)
-        trainer.collect()
-        history.append(trainer.update())
-    ctrl.eval()
-    ctrl.begin()
-    return ctrl, [layer.forward(0) for layer in layers], history
 
 
 def test_budget_is_met_with_the_rank_where_it_matters():

@@ -11,6 +11,7 @@ from drrl.controllers import FixedController, attach_controller
 from drrl.models import GPT, GPTConfig
 from drrl.rl import PolicyTrainer, RLConfig
 from drrl.rl.reward import segment_kl
+from tests.rl.toy import fraction, model_kl, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,3 +81,16 @@ def test_the_kl_reward_needs_the_output_before_collecting():
         trainer.collect()
     with pytest.raises(ValueError, match="fidelity"):
         RLConfig(fidelity="loss")
+
+
+def test_the_kl_reward_puts_rank_where_the_model_needs_it_and_the_cosine_reward_does_not():
+    """The toy of tests/rl/toy.py: layer 0's attention output moves with its rank but the model's prediction does
+    not, layer 1 the reverse. At a 37.5% cut, the KL-trained policy gives layer 1 the rank; the cosine-trained one
+    gives it to layer 0, and its model KL is higher."""
+    kw = {"cos_c": (1.0, 0.02), "kl_c": (0.0, 1.0), "seed": 2, "entropy_coef": 0.05, "lagrange_lr": 0.5}
+    _, by_kl, _ = train(0.375, fidelity="kl", **kw)
+    _, by_cos, _ = train(0.375, fidelity="cosine", **kw)
+    assert all(a < b for a, b in zip(*by_kl, strict=True))  # layer 0 below layer 1 in every segment
+    assert all(a > b for a, b in zip(*by_cos, strict=True))
+    assert fraction(by_kl) <= 0.625 + 0.02 and fraction(by_cos) <= 0.625 + 0.02
+    assert model_kl(by_kl, kw["kl_c"]).mean() < model_kl(by_cos, kw["kl_c"]).mean()
