@@ -148,9 +148,10 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
         parents=[quiet],
         help="the main job: DR-RL against full attention and rank heuristics on a pretrained LLM",
         description="Compare full attention, static rank, random rank, the energy rule and DR-RL (a rank policy "
-        "trained with PPO, LM frozen; a β sweep) on a pretrained LLM at long context. Prints a table and writes "
-        "report.md, results.json, pareto.png and ranks.png into --out. Defaults: the embedded SmolLM2-135M, "
-        "held-out Shakespeare plays, context 1024 (about 6 minutes on 2 CPU cores).",
+        "trained with PPO, LM frozen; a β sweep, its frozen table; with --budgets every method at the same cut, "
+        "including a static per-layer allocation searched against the loss) on a pretrained LLM at long context. "
+        "Prints a table and writes report.md, results.json, pareto.png and ranks.png into --out. Defaults: the "
+        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024 (about 6 minutes on 2 CPU cores).",
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     dm.add_argument("--corpus", default="shakespeare", help="shakespeare | text:PATH | wikitext-2[:DIR] (test split)")

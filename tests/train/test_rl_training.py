@@ -50,6 +50,17 @@ def test_hybrid_training_learns_both_and_saves_the_policy(tiny_overrides_list, t
     assert not torch.equal(after[key], init[key])  # and so did the policy
 
 
+def test_a_budget_moves_the_multiplier_logs_it_and_resumes_it(tiny_overrides_list, tmp_path):
+    cfg = RunConfig.load(None, tiny_overrides_list + RL + ["train.mode=hybrid", "train.max_steps=2", "rl.budget=0.6"])
+    train(cfg, tmp_path / "run", progress=False)
+    logged = [m["rl"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert len(logged) == 2 and all({"lagrange", "score_fraction", "budget_gap"} <= m.keys() for m in logged)
+    assert logged[0]["lagrange"] != cfg.rl.beta  # the dual step ran
+    assert logged[-1]["budget_gap"] == pytest.approx(logged[-1]["score_fraction"] - 0.4)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.state["rl"]["lagrange"] == pytest.approx(logged[-1]["lagrange"])  # a resumed run continues from it
+
+
 def test_policy_mode_freezes_a_pretrained_language_model(tiny_overrides_list, tmp_path):
     base = RunConfig.load(None, tiny_overrides_list + ["train.max_steps=2", "train.eval_every=0"])
     train(base, tmp_path / "lm", progress=False)
