@@ -266,3 +266,15 @@ def test_export_of_a_gqa_layer_is_a_clear_error():
     mha = make("calibrated", "fixed", n_kv_head=H)
     calibrate(mha, [(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)) for q, k, v in cal_batches()])
     assert mha.export(8).pq.shape == (H, DH, 8)  # n_kv_head == n_head is plain MHA and still exports
+
+
+def test_the_guard_certifies_every_row_with_grouped_query_attention():
+    m = make("online", "fixed", rank=4, guard_eps=0.05).eval()
+    q, k, v = qkv()
+    y = m.attend(q, k, v)
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    exact = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+    for i in range(q.shape[2]):
+        vn = torch.linalg.matrix_norm(vv[:, :, : i + 1], ord=2)
+        assert bool(((y[:, :, i] - exact[:, :, i]).norm(dim=-1) <= 0.05 * vn + 1e-10).all()), i
+    assert m.pop_stats()["guard_rows"] > 0

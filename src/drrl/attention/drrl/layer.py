@@ -14,6 +14,7 @@ from drrl import flops
 from drrl.attention.base import Attention, check_int, check_real, register_attention
 from drrl.attention.drrl.basis import BasisMixin
 from drrl.attention.drrl.cache import ExportedLowRankAttention, LowRankKVCache
+from drrl.attention.drrl.guard import certify_run
 from drrl.attention.drrl.kernels import sdpa_lowrank
 from drrl.attention.drrl.plan import Plan, PlanMixin
 from drrl.controllers import Feedback, PendingController, RankController, controller_class
@@ -39,7 +40,10 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             (``rank``), ``"random"`` (``seed``), ``"rl"`` (a learned policy the model installs, shared by
             its layers); :meth:`set_controller` installs any
             :class:`~drrl.controllers.RankController` (e.g. a learned policy).
-        guard_eps: mask ranks whose bound on the relative output error exceeds this (None: no mask).
+        guard_eps: the guardrail (None: off). Before the choice, ranks whose bound on the relative output error,
+            measured on the prefix (a prediction for the segment), exceeds it are masked; after execution every
+            query row of a causal layer is certified (drrl.attention.drrl.guard) and rows whose bound exceeds it
+            are recomputed at full rank, so ‖o_i − õ_i‖₂ ≤ guard_eps · ‖V_{≤i}‖₂ holds for every row.
         refresh_tol: online mode refreshes the basis when its kept energy at a bucket drops by more than this.
         refresh_steps: subspace-iteration steps per refresh (1–2 from a warm start).
         ridge: relative Cholesky ridge for calibration maps.
@@ -234,6 +238,10 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         T = self.segment if self.causal else L
         outs, paths = [], set()
         fc = plan.flops
+        certify = self.guard_eps is not None and self.causal
+        if certify:  # the running Gram of the keys before the run being certified (drrl.attention.drrl.guard)
+            sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+            gk, gpos = q.new_zeros(B, self.n_kv_head, d, d, dtype=sdt), 0
         for blk in plan.blocks:
             b = min(blk.s1 * T, L)
             if blk.maps is None:
@@ -257,6 +265,11 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
                     kr = kb[:, :, :e, :r]
                     fc["maps"] += B * H * flops.matmul(e - a, d, r)
                 y, path, entries = sdpa_lowrank(qr, kr, vb[:, :, :e], a, scale, self.causal)
+                if certify and blk.maps is not None:
+                    kk = k[:, :, gpos:a].to(sdt)
+                    gk = gk + kk.transpose(-2, -1) @ kk
+                    y, gk, bad = certify_run(self, q, k, v, y, a, e, r, pq, blk.maps[1], scale, gk, fc)
+                    gpos, plan.guard_rows = e, plan.guard_rows + bad
                 outs.append(y)
                 paths.add(path)
                 width = d if path.startswith("sdpa-padded") else qr.shape[-1]
@@ -317,6 +330,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         t["refreshes"] += plan.refreshes
         t["fallbacks"] += plan.fallbacks
         t["qr_fallbacks"] += plan.qr_fallbacks
+        t["guard_rows"] += plan.guard_rows
         t["planned_scores"] += plan.planned_score_flops
         for i, r in enumerate(plan.ranks):  # per segment index: the rank decisions of this layer, logged
             t[f"seg_rank:{i}"] += B * r
@@ -337,6 +351,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             "refreshes": t["refreshes"],
             "fallbacks": t["fallbacks"],
             "qr_fallbacks": t["qr_fallbacks"],
+            "guard_rows": t["guard_rows"],  # query rows (per head) the guard's certificate sent back to full rank
             "calls": t["calls"],
             # Q·Kᵀ FLOPs saved against full attention at the same shapes (counted pairs, causal weighting): as
             # executed (the widths the products run at), and as planned (the ranks decided; equal since every

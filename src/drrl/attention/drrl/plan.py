@@ -51,6 +51,7 @@ class Plan:
     path: str = ""
     qr_fallbacks: int = 0  # refreshes whose CholeskyQR2 fell back to Householder QR
     last_basis: torch.Tensor | None = None  # P_q of the last basis version (the next call's warm start)
+    guard_rows: int = 0  # query rows (per head) the guard's certificate recomputed at full rank
 
 
 @dataclass
