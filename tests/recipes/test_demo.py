@@ -43,6 +43,9 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
     assert frozen == nearest
     assert on_disk["input_adaptivity"]["drrl-frozen"] == 0.0 and on_disk["input_adaptivity"]["static"] == 0.0
     assert 0 <= on_disk["input_adaptivity"]["drrl"] <= 1 and "Input adaptivity" in report
+    use = on_disk["feature_use"]["drrl"]
+    assert use["replayed"] == 1.0 and set(use) == {"replayed", "energy", "query norm", "key norm", "position"}
+    assert "drrl-frozen" not in on_disk["feature_use"] and "What the policies read" in report
 
 
 def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, text_corpus, tmp_path):

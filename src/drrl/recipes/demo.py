@@ -43,7 +43,8 @@ from drrl.integrations.hub import EMBEDDED_MODEL, load_causal_lm
 from drrl.progress import progress
 from drrl.recipes.demo_report import plots, render_report, render_table
 from drrl.recipes.demo_timing import capture_qkv, time_methods
-from drrl.rl import PolicyTrainer, RLConfig
+from drrl.rl import PolicyTrainer, RLConfig, RLController
+from drrl.rl.analysis import feature_use
 from drrl.rl.reward import FIDELITIES
 from drrl.utils import check_out_dir, resolve_device, write_json_atomic, write_text_atomic
 
@@ -132,6 +133,7 @@ class MethodResult:
     reward_history: list = field(default_factory=list)
     planned_scores: float = 0.0  # Q·Kᵀ FLOPs the decided ranks count (flops["scores"] is what executed)
     window_grids: list = field(default_factory=list)  # per evaluation window: (layers, segments) executed ranks
+    feature_use: dict = field(default_factory=dict)  # a learned policy's decisions changed per feature group
 
     @property
     def adaptivity(self) -> float | None:
@@ -178,7 +180,9 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
     for m in layers:
         m.pop_stats()
     bar = progress(total=len(windows), desc=desc, unit="win", disable=quiet, leave=False)
-    grids, seen = [], {"tokens": 0, "seconds": 0.0}
+    grids, seen, records = [], {"tokens": 0, "seconds": 0.0}, []
+    ctrl = layers[0].controller if layers else None
+    learned = isinstance(ctrl, RLController)
 
     def on_window(n_tok: int, seconds: float) -> None:
         seen["tokens"] += n_tok
@@ -187,6 +191,8 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
         bar.set_postfix(tok_s=f"{seen['tokens'] / seen['seconds']:.0f}")
         if layers:
             grids.append(np.array([m.last_plan.ranks for m in layers], dtype=float))
+        if learned and (rec := ctrl.decisions(0)) is not None:
+            records.append(rec)
 
     # the LLM is frozen (eval mode); its drrl layers and controllers keep the modes the job gave them
     res = evaluate_lm(model, windows, batch_size=1, device=next(model.parameters()).device, on_batch=on_window,
@@ -196,6 +202,7 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
     return MethodResult(
         desc, res["ppl"], mean_rank, dict(fl), dict(full), plan_s, ctrl_s, seen["seconds"],
         np.mean(grids, 0).tolist() if grids else None, planned_scores=planned, window_grids=grids,
+        feature_use=feature_use(ctrl, records, layers[0].buckets) if learned else {},
     )  # fmt: skip
 
 
@@ -296,6 +303,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
         "rank_grids": {n: r.rank_grid for n, r in results.items() if r.rank_grid is not None},
         # fraction of (layer, segment) cells whose rank differs between evaluation windows
         "input_adaptivity": {n: r.adaptivity for n, r in results.items() if r.adaptivity is not None},
+        # per learned policy: greedy decisions that change when a state-feature group is replaced by its mean
+        # over the evaluation windows at the same (layer, segment)
+        "feature_use": {n: r.feature_use for n, r in results.items() if r.feature_use},
         "reward_history": {
             n: [x if math.isfinite(x) else None for x in r.reward_history]
             for n, r in results.items()

@@ -45,7 +45,9 @@ DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), re
 - Cache bytes: keys at width r once per KV head plus full-width values. Dynamic methods keep r_max columns.
 - Input adaptivity (the share of (layer, segment) cells whose rank differs between evaluation windows; 0 is a
   fixed table): {_adaptivity(rep)}. `drrl-frozen` replays `drrl`'s mean rank per cell, rounded to the nearest
-  bucket, as a fixed table (the ablation: what the policy's input-dependence buys).
+  bucket, as a fixed table (the ablation: what the policy's input-dependence buys). What the policies read
+  (greedy decisions that change when a state-feature group is replaced by its mean over the windows at the same
+  layer and segment): {_feature_use(rep)}.
 - Planning (state features, policy forward, rank bookkeeping) took {100 * po["plan_fraction"]:.1f}% of the model's
   forward time during the `drrl` evaluation (policy forward alone {100 * po["controller_fraction"]:.1f}%).
 
@@ -79,6 +81,14 @@ def _budgets(rep: dict) -> str:
                 f"{p['tuned_fraction']:.3f} on the tuning windows)"
             )
     return "\n".join(lines) + "\n"
+
+
+def _feature_use(rep: dict) -> str:
+    parts = []
+    for name, use in rep.get("feature_use", {}).items():
+        groups = ", ".join(f"{k} {100 * v:.1f}%" for k, v in use.items() if k != "replayed")
+        parts.append(f"`{name}` {groups}")
+    return "; ".join(parts) or "not measured (one window)"
 
 
 def _adaptivity(rep: dict) -> str:

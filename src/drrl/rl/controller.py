@@ -117,6 +117,29 @@ class RLController(RankController):
         self._last_len, self._last_new = len(ep["actions"]), n
         return out
 
+    def decisions(self, row: int = 0) -> dict | None:
+        """The decision sequence of ``row``'s last forward pass, for analysis: ``feats``, ``layers``, ``segments``,
+        ``prev``, ``allowed`` (as the policy saw them) and the ``actions`` taken; None before any decision."""
+        ep = self._rows.get(row)
+        if not ep or not ep["actions"]:
+            return None
+        feats, layers, segments, prev, allowed = self._tensors(ep)
+        return {"feats": feats, "layers": layers, "segments": segments, "prev": prev, "allowed": allowed,
+                "actions": torch.tensor(ep["actions"])}  # fmt: skip
+
+    @torch.no_grad()
+    def greedy(self, record: dict, buckets: torch.Tensor) -> torch.Tensor:
+        """Greedy actions for a whole recorded decision sequence (:meth:`decisions`, features possibly edited) in
+        one policy pass: the policy's mask keeps every decision causal in decision order, so this equals deciding
+        layer by layer, with the recorded previous ranks (``buckets``: the layers' rank buckets, for the shift)."""
+        param = next(self.policy.parameters())
+        keys = ("feats", "layers", "segments", "prev", "allowed")
+        logits, _ = self.policy(*(record[k].to(param.device) for k in keys))
+        logits = logits.cpu()
+        if self.cost_shift:
+            logits = logits - self.cost_shift * buckets.cpu().to(logits.dtype) / buckets[-1].item()
+        return logits.argmax(-1)
+
     @staticmethod
     def _tensors(ep: dict):
         return (
