@@ -15,7 +15,7 @@ Bases (``basis=``):
     refresh. Segment 0 uses the calibrated maps when there are some, else full rank.
 
 Package map: kernels (SDPA paths), basis (calibration, statistics, online refresh), plan (what a
-forward pass executes), layer (the module), cache (decode cache and export).
+forward pass executes), guard (per-row error certificates), layer (the module), cache (decode cache and export).
 
 Causality: the basis and the rank used at positions of segment s depend only on tokens of the same
 sequence before segment s (or on calibration data): bases, statistics and ranks are planned per
