@@ -7,10 +7,14 @@ corpus of the data layer), at a context of 1024 tokens:
 2. DR-RL attention is swapped in (:func:`drrl.integrations.hf.apply_dynamic_rank`) with calibrated post-RoPE
    bases fitted on training windows; one calibration serves every method below.
 3. ``drrl`` and ``drrl-beta=<β>``: a rank policy per β trained with PPO in ``policy`` mode (the language model
-   frozen) on training windows, evaluated greedily.
+   frozen) on training windows (disjoint from the calibration windows), evaluated greedily; ``drrl-frozen`` its
+   mean ranks replayed as a fixed table. Other reward fidelities add ``-<fidelity>``.
 4. ``static`` (fixed rank, matched to DR-RL's mean rank, and neighbours for the curve), ``random`` and
    ``energy`` (threshold rule at a few τ).
-5. Time (:mod:`.demo_timing`): each method's attention layers on one window's captured queries, keys and values against SDPA,
+5. With budgets, every method at each cut: ``drrl@B`` (trained with a Lagrange multiplier, then a cost shift tuned
+   to meet the budget), ``drrl-frozen@B``, ``alloc@B`` (a rank per layer searched against the loss) and ``static@B``.
+   Measuring and fitting one method lives in :mod:`.demo_methods`.
+6. Time (:mod:`.demo_timing`): each method's attention layers on one window's captured queries, keys and values against SDPA,
    interleaved, median of repeats; one decode step of every layer against a full-width cache.
 
 Writes ``report.md``, ``results.json``, ``pareto.png`` and ``ranks.png`` into the output folder.
@@ -21,15 +25,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from drrl import flops
 from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller, build_controller
 from drrl.data.tokenizer import get_tokenizer
@@ -37,14 +37,12 @@ from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError, DataError
 from drrl.eval.allocation import layer_sensitivity, static_allocation
 from drrl.eval.machine import machine
-from drrl.eval.perplexity import evaluate_lm
 from drrl.integrations.hf import _geometry, apply_dynamic_rank, cache_bytes_per_token
 from drrl.integrations.hub import EMBEDDED_MODEL, load_causal_lm
 from drrl.progress import progress
+from drrl.recipes.demo_methods import MethodResult, meet_budget, nearest_buckets, perplexity, train_policy
 from drrl.recipes.demo_report import plots, render_report, render_table
 from drrl.recipes.demo_timing import capture_qkv, time_methods
-from drrl.rl import PolicyTrainer, RLConfig, RLController
-from drrl.rl.analysis import feature_use
 from drrl.rl.reward import FIDELITIES
 from drrl.utils import check_out_dir, resolve_device, write_json_atomic, write_text_atomic
 
@@ -115,142 +113,6 @@ class DemoConfig:
 def method_name(i: int, beta: float) -> str:
     """``drrl`` for the first β of the sweep, ``drrl-beta=<β>`` for the others."""
     return "drrl" if i == 0 else f"drrl-beta={beta:g}"
-
-
-@dataclass
-class MethodResult:
-    method: str
-    ppl: float
-    mean_rank: float
-    flops: dict = field(default_factory=dict)  # by category, summed over layers
-    full_flops: dict = field(default_factory=dict)
-    plan_seconds: float = 0.0
-    controller_seconds: float = 0.0
-    forward_seconds: float = 0.0
-    rank_grid: list | None = None  # (layers, segments) mean executed rank
-    train_seconds: float = 0.0
-    policy_updates: int = 0
-    reward_history: list = field(default_factory=list)
-    planned_scores: float = 0.0  # Q·Kᵀ FLOPs the decided ranks count (flops["scores"] is what executed)
-    window_grids: list = field(default_factory=list)  # per evaluation window: (layers, segments) executed ranks
-    feature_use: dict = field(default_factory=dict)  # a learned policy's decisions changed per feature group
-
-    @property
-    def adaptivity(self) -> float | None:
-        """Fraction of (layer, segment) cells whose rank differs between evaluation windows (0: a fixed table)."""
-        if len(self.window_grids) < 2:
-            return None
-        g = np.stack(self.window_grids)
-        return float((g != g[:1]).any(0).mean())
-
-    @property
-    def reductions(self) -> dict:
-        if not self.flops:
-            return {
-                "score_flops_reduction": 0.0,
-                "attention_flops_reduction": 0.0,
-                "planned_score_flops_reduction": 0.0,
-            }
-        red = flops.reductions(self.flops, self.full_flops)
-        return {**red, "planned_score_flops_reduction": 1 - self.planned_scores / self.full_flops["scores"]}
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def _layer_stats(layers) -> tuple[float, Counter, Counter, float, float, float]:
-    fl, full, rank_tokens, tokens, plan_s, ctrl_s, planned = Counter(), Counter(), 0.0, 0, 0.0, 0.0, 0.0
-    for m in layers:
-        st = m.pop_stats(with_flops=True)
-        if not st:
-            continue
-        rank_tokens += st["mean_rank"] * st["tokens"]
-        tokens += st["tokens"]
-        for k, v in st["flops"].items():
-            (full if k.startswith("full_") else fl)[k.removeprefix("full_")] += v
-        plan_s += st["time"].get("plan", 0.0)
-        ctrl_s += st["time"].get("controller", 0.0)
-        planned += st["planned_score_flops"]
-    return (rank_tokens / tokens if tokens else 0.0), fl, full, plan_s, ctrl_s, planned
-
-
-def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = False) -> MethodResult:
-    """Perplexity over ``windows`` (batch 1, :func:`drrl.eval.perplexity.evaluate_lm`), with the executed ranks
-    and FLOPs of the drrl ``layers``."""
-    for m in layers:
-        m.pop_stats()
-    bar = progress(total=len(windows), desc=desc, unit="win", disable=quiet, leave=False)
-    grids, seen, records = [], {"tokens": 0, "seconds": 0.0}, []
-    ctrl = layers[0].controller if layers else None
-    learned = isinstance(ctrl, RLController)
-
-    def on_window(n_tok: int, seconds: float) -> None:
-        seen["tokens"] += n_tok
-        seen["seconds"] += seconds
-        bar.update(1)
-        bar.set_postfix(tok_s=f"{seen['tokens'] / seen['seconds']:.0f}")
-        if layers:
-            grids.append(np.array([m.last_plan.ranks for m in layers], dtype=float))
-        if learned and (rec := ctrl.decisions(0)) is not None:
-            records.append(rec)
-
-    # the LLM is frozen (eval mode); its drrl layers and controllers keep the modes the job gave them
-    res = evaluate_lm(model, windows, batch_size=1, device=next(model.parameters()).device, on_batch=on_window,
-                      set_eval=False)  # fmt: skip
-    bar.close()
-    mean_rank, fl, full, plan_s, ctrl_s, planned = _layer_stats(layers)
-    return MethodResult(
-        desc, res["ppl"], mean_rank, dict(fl), dict(full), plan_s, ctrl_s, seen["seconds"],
-        np.mean(grids, 0).tolist() if grids else None, planned_scores=planned, window_grids=grids,
-        feature_use=feature_use(ctrl, records, layers[0].buckets) if learned else {},
-    )  # fmt: skip
-
-
-def train_policy(
-    model, layers, windows, cfg: DemoConfig, beta: float, quiet: bool = False, budget=None, fidelity: str = "cosine"
-):
-    """Fit a fresh rank policy for reward weight β with PPO on ``windows``, the LM frozen (``policy`` mode). With a
-    ``budget`` (a score-FLOPs cut) β is the initial Lagrange multiplier of the cost, moved towards the budget. With
-    ``fidelity="kl"`` each step first runs the full-rank model (every layer at r_max) on the window for the teacher's
-    next-token log-probabilities."""
-    torch.manual_seed(cfg.seed)
-    ctrl = attach_controller(layers, "rl", seed=cfg.seed)
-    rl = RLConfig(
-        lr=cfg.policy_lr, discount=cfg.discount, gae_lambda=0.95 if cfg.discount else 0.0, alpha=cfg.alpha, beta=beta,
-        gamma=cfg.gamma, eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1), budget=budget,
-        fidelity=fidelity,
-    )  # fmt: skip
-    full_rank = TableController([[layers[0].buckets[-1].item()]] * len(layers))
-    trainer = PolicyTrainer(ctrl, rl, seed=cfg.seed)
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    what = (f"β={beta:g}" if budget is None else f"budget {100 * budget:g}%") + f" ({fidelity})"
-    bar = progress(range(cfg.policy_steps), desc=f"policy {what}", unit="step", disable=quiet, leave=False)
-    history = []
-    for step in bar:
-        ids = windows[step % len(windows)].to(device)[None]
-        if fidelity == "kl":  # the teacher: the same frozen model at full rank (each window is seen once per policy)
-            attach_controller(layers, full_rank)
-            with torch.no_grad():
-                teacher = F.log_softmax(model(input_ids=ids[:, :-1], use_cache=False).logits.float(), -1)
-            attach_controller(layers, ctrl)
-        ctrl.train()
-        trainer.begin()
-        with torch.no_grad():
-            out = model(input_ids=ids[:, :-1], use_cache=False)
-        if fidelity == "kl":
-            trainer.observe_output(out.logits, teacher, cfg.segment)
-            del teacher
-        trainer.collect()
-        stats = trainer.update()
-        mean_r = stats.get("mean_reward", float("nan"))
-        history.append(mean_r)
-        bar.set_postfix(reward=f"{mean_r:.4f}", tok_s=f"{(step + 1) * ids.shape[1] / (time.perf_counter() - t0):.0f}")
-        for m in layers:
-            m.pop_stats()
-        log.debug("policy %s step %d: %s", what, step, stats)
-    ctrl.eval()
-    return ctrl, time.perf_counter() - t0, history
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -344,7 +206,7 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
             res.reward_history = history
             results[name] = res
             if i == 0:  # the ablation "frozen": the policy's mean rank per (layer, segment) replayed as a table
-                table, frozen = _nearest_buckets(res.rank_grid, buckets), "drrl-frozen" + suffix
+                table, frozen = nearest_buckets(res.rank_grid, buckets), "drrl-frozen" + suffix
                 setups[frozen] = install(lambda table=table: TableController(table))
                 setups[frozen]()
                 results[frozen] = perplexity(model, eval_w, layers, desc=frozen, quiet=quiet)
@@ -379,48 +241,6 @@ def protocol_windows(train, n_calib: int, n_policy: int, length: int):
             f"of at least one window ({length} tokens) each; lower --context or use a larger corpus"
         )
     return spread_windows(train[:half], n_calib, length), spread_windows(train[half:], n_policy, length)
-
-
-def executed_fraction(model, layers, windows) -> float:
-    """Executed score-FLOPs fraction of the drrl ``layers`` over forward passes on ``windows`` (their controllers as
-    installed, in their current modes)."""
-    device = next(model.parameters()).device
-    for m in layers:
-        m.pop_stats()
-    with torch.no_grad():
-        for w in windows:
-            model(input_ids=w.to(device)[None, :-1], use_cache=False)
-    fl = [m.pop_stats(with_flops=True).get("flops", {}) for m in layers]
-    return sum(f.get("scores", 0) for f in fl) / max(sum(f.get("full_scores", 0) for f in fl), 1)
-
-
-def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 6) -> tuple[float, float]:
-    """The smallest inference-time cost shift (:attr:`~drrl.rl.RLController.cost_shift`) whose greedy decisions
-    execute at most 1 − ``budget`` of the score FLOPs on ``windows`` (training data): doubling, then ``steps``
-    bisection steps. Returns (shift, executed fraction on ``windows``)."""
-    target = 1 - budget
-    ctrl.cost_shift = 0.0
-    frac = executed_fraction(model, layers, windows)
-    if frac <= target:
-        return 0.0, frac
-    lo, hi = 0.0, 1.0
-    while (f_hi := _fraction_at(ctrl, hi, model, layers, windows)) > target and hi < 2**12:
-        lo, hi = hi, 2 * hi
-    frac = f_hi
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        f_mid = _fraction_at(ctrl, mid, model, layers, windows)
-        if f_mid <= target:
-            hi, frac = mid, f_mid
-        else:
-            lo = mid
-    ctrl.cost_shift = hi
-    return hi, frac
-
-
-def _fraction_at(ctrl, shift: float, model, layers, windows) -> float:
-    ctrl.cost_shift = shift
-    return executed_fraction(model, layers, windows)
 
 
 def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w, calib_w, cfg: DemoConfig, quiet):
@@ -458,18 +278,13 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
             res = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
             res.train_seconds, res.policy_updates, res.reward_history = secs, ctrl.updates, history
             results[name] = res
-            tables[name.replace("drrl", "drrl-frozen", 1)] = _nearest_buckets(res.rank_grid, buckets)
+            tables[name.replace("drrl", "drrl-frozen", 1)] = nearest_buckets(res.rank_grid, buckets)
             info[tag]["policies"][name] = {"lagrange": ctrl.lagrange, "cost_shift": shift, "tuned_fraction": tuned}
         for name, table in tables.items():
             setups[name] = lambda table=table: attach_controller(layers, TableController(table))
             setups[name]()
             results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
     return info
-
-
-def _nearest_buckets(grid: list, buckets: list[int]) -> list[list[int]]:
-    """Each cell of a mean-rank grid rounded to the nearest bucket (the larger one on a tie)."""
-    return [[min(buckets, key=lambda b, x=x: (abs(b - x), -b)) for x in row] for row in grid]
 
 
 def _r_max(model) -> int:
