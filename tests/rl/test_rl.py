@@ -8,6 +8,8 @@ from drrl.rl import PPO, Episode, EpsilonSchedule, PPOConfig, RankPolicy, Reward
 from drrl.rl.policy import decision_mask, mixture_log_probs, sample
 from drrl.rl.reward import cost_ratio
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
+
 
 def test_epsilon_schedule_is_step_based():
     sched = EpsilonSchedule(start=0.5, end=0.1, decay_steps=4)

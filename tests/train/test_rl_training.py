@@ -11,6 +11,8 @@ from drrl.models import GPT
 from drrl.train import RunConfig, train
 from drrl.train.checkpoint import latest_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # a tiny GPT: one thread (tests/conftest.py)
+
 RL = [
     "model.attention=drrl",
     "model.attention_kwargs.segment=8",
