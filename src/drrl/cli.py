@@ -36,6 +36,18 @@ def _floats(s: str) -> tuple[float, ...]:
     return vals
 
 
+def _floats_or_none(s: str) -> tuple[float, ...]:
+    """Comma-separated numbers, or ``none`` for an empty list."""
+    return () if s.strip().lower() == "none" else _floats(s)
+
+
+def _ints_or_none(s: str) -> tuple[int, ...]:
+    vals = _floats_or_none(s)
+    if any(v != int(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, e.g. 32,48, got {s!r}")
+    return tuple(int(v) for v in vals)
+
+
 def _names(s: str) -> tuple[str, ...]:
     vals = tuple(x.strip() for x in s.split(",") if x.strip())
     if not vals:
@@ -147,11 +159,12 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
         "demo",
         parents=[quiet],
         help="the main job: DR-RL against full attention and rank heuristics on a pretrained LLM",
-        description="Compare full attention, static rank, random rank, the energy rule and DR-RL (a rank policy "
-        "trained with PPO, LM frozen; a β sweep, its frozen table; with --budgets every method at the same cut, "
-        "including a static per-layer allocation searched against the loss) on a pretrained LLM at long context. "
+        description="Compare DR-RL (a rank policy trained with PPO, LM frozen) with full attention and the "
+        "baselines at the same score-FLOPs cut: its own frozen table, a static per-layer allocation searched against "
+        "the loss, the uniform static rank, the energy rule and random ranks, on a pretrained LLM at long context. "
         "Prints a table and writes report.md, results.json, pareto.png and ranks.png into --out. Defaults: the "
-        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024 (about 6 minutes on 2 CPU cores).",
+        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024, a 40% cut, the KL reward (about 8 "
+        "minutes on 2 CPU cores).",
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     dm.add_argument("--corpus", default="shakespeare", help="shakespeare | text:PATH | wikitext-2[:DIR] (test split)")
@@ -160,18 +173,32 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
     dm.add_argument("--segment", type=_positive, default=128, help="tokens per rank decision (default: 128)")
     dm.add_argument("--windows", type=_positive, default=6, help="evaluation windows (default: 6)")
     dm.add_argument("--calib-windows", type=_positive, default=6, help="calibration windows (default: 6)")
-    dm.add_argument("--policy-steps", type=int, default=12, help="PPO updates per β (default: 12)")
-    dm.add_argument("--betas", type=_floats, default=(0.5, 0.05, 1.0),
-                    help="reward cost weights β; the first is the method drrl (default: 0.5,0.05,1.0)")  # fmt: skip
-    dm.add_argument("--taus", type=_floats, default=(0.97, 0.99), help="energy thresholds (default: 0.97,0.99)")
-    dm.add_argument("--budgets", type=_floats, default=(),
-                    help="score-FLOPs cuts, e.g. 0.25,0.4: per budget, DR-RL trained to meet it, its frozen table, "
-                         "a static per-layer allocation searched against the loss and the uniform static rank, all "
-                         "at that cut (adds about 2 minutes per budget plus a one-off search)")  # fmt: skip
-    dm.add_argument("--fidelities", type=_names, default=("cosine",),
-                    help="the policies' reward fidelity: cosine (each layer's attention output against full rank) "
-                         "and/or kl (the next-token distribution against the full-rank model's); the first names "
-                         "drrl, the others add -<fidelity> (default: cosine)")  # fmt: skip
+    dm.add_argument("--policy-steps", type=int, default=12, help="PPO updates per policy (default: 12)")
+    dm.add_argument("--budgets", "--budget", type=_floats_or_none, default=(0.4,),
+                    help="score-FLOPs cuts, e.g. 0.25,0.4: per budget, DR-RL trained to meet it (a Lagrange "
+                         "multiplier on its cost), its frozen table, a static per-layer allocation searched against "
+                         "the loss, the uniform static rank, the energy rule and random ranks, all at that cut; "
+                         "about 3 minutes per budget plus a one-off search; 'none' for none (default: 0.4)")  # fmt: skip
+    dm.add_argument("--fidelities", type=_names, default=("kl",),
+                    help="the policies' reward fidelity: kl (the next-token distribution against the full-rank "
+                         "model's, per segment) and/or cosine (each layer's attention output against full rank); "
+                         "the first names drrl@B, the others add -<fidelity> (default: kl)")  # fmt: skip
+    dm.add_argument("--betas", type=_floats_or_none, default=(),
+                    help="a β sweep besides the budgets: one policy per fixed cost weight β, the first named drrl, "
+                         "with its frozen table, the static rank nearest its mean rank and random ranks "
+                         "(e.g. 0.5,0.05,1.0; default: none)")  # fmt: skip
+    dm.add_argument(
+        "--static-ranks",
+        type=_ints_or_none,
+        default=(),
+        help="extra uniform static ranks, e.g. 32,40,48 (a curve for the plot; default: none)",
+    )
+    dm.add_argument(
+        "--taus",
+        type=_floats_or_none,
+        default=(),
+        help="extra energy-rule thresholds, e.g. 0.97,0.99 (a curve for the plot; default: none)",
+    )
     dm.add_argument("--repeats", type=_positive, default=3, help="timing repeats (default: 3)")
     dm.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     dm.add_argument("--trust-remote-code", action="store_true",
@@ -333,11 +360,10 @@ def cmd_demo(args) -> int:
     kw = dict(model=args.model, corpus=args.corpus, context=args.context, segment=args.segment,
               eval_windows=args.windows, calib_windows=args.calib_windows, policy_steps=args.policy_steps,
               betas=args.betas, taus=args.taus, timing_repeats=args.repeats, device=args.device,
-              trust_remote_code=args.trust_remote_code, budgets=args.budgets,
-              fidelities=args.fidelities)  # fmt: skip
+              trust_remote_code=args.trust_remote_code, budgets=args.budgets, fidelities=args.fidelities,
+              static_ranks=args.static_ranks)  # fmt: skip
     if args.quick:
-        kw.update(context=256, segment=64, eval_windows=2, calib_windows=2, policy_steps=2, timing_repeats=1,
-                  static_ranks=(32,))  # fmt: skip
+        kw.update(context=256, segment=64, eval_windows=2, calib_windows=2, policy_steps=2, timing_repeats=1)
     rep = run_demo(DemoConfig(**kw), args.out, quiet=args.quiet)
     print(render_table(rep["rows"]), end="")
     po = rep["policy_overhead"]

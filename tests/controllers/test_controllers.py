@@ -58,6 +58,24 @@ def test_fixed_and_random_choose_buckets():
     assert a.tolist() == b.tolist() and len(set(a.tolist())) > 1
 
 
+@pytest.mark.parametrize("mean_rank", [8.0, 13.0, 16.0, 20.5, 32.0])
+def test_random_at_a_mean_rank_has_that_expectation_over_its_widest_interval(mean_rank):
+    ctrl = RandomController(seed=1, mean_rank=mean_rank)
+    st = stats([[1.0] * 3] * 4000)  # buckets 8, 16, 32
+    ranks = torch.tensor([8.0, 16.0, 32.0])[ctrl(st)]
+    w = min(mean_rank - 8, 32 - mean_rank)
+    # E[rank] = mean_rank; each draw is a bucket next to u in [ρ - w, ρ + w]; the s.e. of 4000 draws is < 0.2
+    assert abs(ranks.mean().item() - mean_rank) < 0.8
+    below = max([b for b in (8, 16, 32) if b <= mean_rank - w], default=8)
+    above = min([b for b in (8, 16, 32) if b >= mean_rank + w], default=32)
+    assert below <= ranks.min().item() and ranks.max().item() <= above
+    assert ctrl(st).tolist() == RandomController(seed=1, mean_rank=mean_rank)(st).tolist()
+    with pytest.raises(ValueError, match="within the buckets"):
+        RandomController.from_options({"mean_rank": 40}, [8, 16, 32])
+    with pytest.raises(ValueError, match="positive number"):
+        RandomController(mean_rank=float("nan"))
+
+
 def test_table_replays_a_rank_per_layer_and_segment():
     table = TableController([[8, 16], [32]])
     layer0 = stats([[1.0] * 3] * 4)

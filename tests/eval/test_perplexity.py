@@ -36,6 +36,11 @@ def test_windows_of_a_hugging_face_model_match_a_float64_reference():
     ref = naive_ppl(lambda x: model(input_ids=x, use_cache=False).logits, windows)
     assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
     assert res["tokens"] == 48 and [n for n, _ in seen] == [16, 16, 16] and all(s >= 0 for _, s in seen)
+    # per window (batch 1): summed NLL and targets, as a float64 reference computes them one window at a time
+    assert res["batch_tokens"] == [16, 16, 16]
+    for nll, w in zip(res["batch_nll"], windows, strict=True):
+        assert math.isclose(nll, 16 * math.log(naive_ppl(lambda x: model(input_ids=x, use_cache=False).logits, [w])),
+                            rel_tol=1e-5)  # fmt: skip
 
 
 def test_a_token_array_and_its_windows_give_the_same_perplexity():

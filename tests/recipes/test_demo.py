@@ -15,7 +15,8 @@ ROW_KEYS = {"method", "ppl", "ppl_ratio", "score_flops_reduction", "planned_scor
 
 def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
     cfg = DemoConfig(model=tiny_model_dir, corpus=text_corpus, context=64, segment=16, eval_windows=2,
-                     calib_windows=2, policy_steps=2, betas=(0.05, 0.5), taus=(0.97,), timing_repeats=1)  # fmt: skip
+                     calib_windows=2, policy_steps=2, betas=(0.05, 0.5), taus=(0.97,), timing_repeats=1,
+                     budgets=(), fidelities=("cosine",))  # fmt: skip
     rep = run_demo(cfg, tmp_path, quiet=True)
     names = [r["method"] for r in rep["rows"]]
     for need in ("full", "static", "random", "energy", "drrl", "drrl-beta=0.5", "drrl-frozen"):
@@ -46,6 +47,8 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
     use = on_disk["feature_use"]["drrl"]
     assert use["replayed"] == 1.0 and set(use) == {"replayed", "energy", "query norm", "key norm", "position"}
     assert "drrl-frozen" not in on_disk["feature_use"] and "What the policies read" in report
+    (cmp,) = on_disk["comparisons"]  # no budgets: drrl against its frozen table only
+    assert (cmp["method"], cmp["reference"]) == ("drrl", "drrl-frozen") and cmp["low"] <= cmp["high"]
 
 
 def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, text_corpus, tmp_path):
@@ -66,14 +69,35 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
         assert p["tuned_fraction"] <= 0.6 + 1e-9  # the cost shift meets it on the tuning windows
     sens = rep["budgets"]["sensitivity"]
     assert sens["ranks"] == [8, 16] and sens["forwards"] == 1 + 2 * 1
-    assert "`alloc@B`" in (tmp_path / "report.md").read_text()
+    # the heuristics at the same cut: the energy rule's τ meets it on the tuning windows; random's mean is its rank
+    b = rep["budgets"]["@40%"]
+    assert "energy@40%" in rows and "random@40%" in rows
+    assert 0 < b["energy_tau"] <= 1 and b["energy_tuned_fraction"] <= 0.6 + 1e-9
+    assert b["random_mean_rank"] == pytest.approx(0.6 * 16)
+    # DR-RL against every method at the same budget, with a bootstrap interval; the ratio is the rows' ppl ratio
+    cmp = {(c["method"], c["reference"]): c for c in rep["comparisons"]}
+    refs = {"drrl-frozen@40%", "alloc@40%", "static@40%", "energy@40%", "random@40%", "drrl-cosine@40%",
+            "drrl-frozen-cosine@40%"}  # fmt: skip
+    assert {r for m, r in cmp if m == "drrl@40%"} == refs
+    for (m, r), c in cmp.items():
+        assert c["low"] <= c["ratio"] <= c["high"] and c["windows"] == 2
+        assert c["ratio"] == pytest.approx(rows[m]["ppl"] / rows[r]["ppl"], rel=1e-9)
+    report = (tmp_path / "report.md").read_text()
+    assert "`alloc@B`" in report and "| drrl@40% | alloc@40% |" in report
 
 
 def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsys):
-    assert main(["-q", "demo", "--quick", "--model", tiny_model_dir, "--corpus", text_corpus, "--betas", "0.1",
-                 "--taus", "0.97", "--out", str(tmp_path / "d")]) == 0  # fmt: skip
+    # the defaults: every method at a 40% cut, the KL reward; no β sweep
+    assert main(["-q", "demo", "--quick", "--model", tiny_model_dir, "--corpus", text_corpus,
+                 "--out", str(tmp_path / "d")]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "| drrl |" in out and (tmp_path / "d" / "results.json").is_file()
+    for name in ("full", "drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%", "energy@40%", "random@40%"):
+        assert f"| {name} |" in out
+    assert "| drrl |" not in out and (tmp_path / "d" / "results.json").is_file()
+    rep = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert rep["config"]["fidelities"] == ["kl"] and rep["policy_overhead"]["method"] == "drrl@40%"
+    assert main(["-q", "demo", "--budgets", "none", "--model", tiny_model_dir, "--out", str(tmp_path / "y")]) != 0
+    assert "needs a budget or a β" in capsys.readouterr().err and not (tmp_path / "y").exists()
     code = main(["-q", "demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "model" in err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from drrl.controllers.base import RankController, SegmentStats, register_controller
@@ -33,27 +35,56 @@ class FixedController(RankController):
 
 @register_controller("random")
 class RandomController(RankController):
-    """A uniformly random allowed bucket per segment, reproducible from (seed, layer, segment, step)."""
+    """A random rank per segment, reproducible from (seed, layer, segment, step): a uniformly random allowed bucket,
+    or, with ``mean_rank``, a rank whose expectation is ``mean_rank`` (a random baseline at a stated budget).
+
+    With ``mean_rank`` = ρ, each segment draws u uniformly from the widest interval [ρ − w, ρ + w] inside the
+    buckets' range, then rounds it to the bucket below or above with the probabilities that keep E[rank] = u
+    (randomised rounding), so E[rank] = ρ whatever the spacing of the buckets. The guardrail may still raise a
+    draw (the layer overrides unsafe buckets)."""
 
     needs_stats = False
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, mean_rank: float | None = None):
         super().__init__()
         self.seed = int(seed)
+        if mean_rank is not None and not (math.isfinite(mean_rank) and mean_rank > 0):
+            raise ValueError(f"random controller mean_rank must be a positive number, got {mean_rank}")
+        self.mean_rank = None if mean_rank is None else float(mean_rank)
 
     @classmethod
     def from_options(cls, options: dict, buckets: list[int]) -> RandomController:
-        return cls(seed=options.get("seed", 0))
+        mean_rank = options.get("mean_rank")
+        if mean_rank is not None and not buckets[0] <= mean_rank <= buckets[-1]:
+            raise ValueError(f"random controller mean_rank must lie within the buckets {buckets[0]}..{buckets[-1]}, "
+                             f"got {mean_rank}")  # fmt: skip
+        return cls(seed=options.get("seed", 0), mean_rank=mean_rank)
 
     def forward(self, stats: SegmentStats) -> torch.Tensor:
         out, allowed = [], stats.allowed.cpu()
+        buckets = stats.buckets.cpu().double()
         for s in range(stats.energy.shape[0]):
             g = torch.Generator().manual_seed(hash((self.seed, stats.layer, s, stats.step)) & (2**62 - 1))
+            if self.mean_rank is not None:
+                out.append(self._around_mean(buckets, g))
+                continue
             choices = allowed[s].nonzero().flatten()
             if len(choices) == 0:
                 choices = torch.tensor([len(stats.buckets) - 1])
             out.append(choices[torch.randint(len(choices), (1,), generator=g)].item())
         return torch.tensor(out, dtype=torch.long)
+
+    def _around_mean(self, buckets: torch.Tensor, g: torch.Generator) -> int:
+        lo, hi = buckets[0].item(), buckets[-1].item()
+        rho = min(max(self.mean_rank, lo), hi)
+        w = min(rho - lo, hi - rho)
+        u = rho + w * (2 * torch.rand((), generator=g, dtype=torch.float64).item() - 1)
+        j = int(torch.searchsorted(buckets, torch.tensor(u, dtype=torch.float64), right=True)) - 1  # bucket <= u
+        j = min(max(j, 0), len(buckets) - 1)
+        if j == len(buckets) - 1:
+            return j
+        p_up = (u - buckets[j].item()) / (buckets[j + 1] - buckets[j]).item()
+        return j + int(torch.rand((), generator=g, dtype=torch.float64).item() < p_up)
 
 
 @register_controller("energy")

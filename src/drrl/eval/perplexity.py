@@ -102,7 +102,8 @@ def evaluate_lm(
     per-window bookkeeping). ``set_eval`` puts the model in eval mode for the evaluation and gives every module
     its own mode back afterwards; ``False`` evaluates in the modes the caller set (the demo's frozen LLM, whose
     rank controllers keep theirs). Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context",
-    "stride"}``.
+    "stride", "batch_nll", "batch_tokens"}``; the last two are per batch (this process's), summed NLL and scored
+    targets: per window with ``batch_size=1`` (bootstrap intervals, :mod:`drrl.eval.bootstrap`).
     """
     device = torch.device(device)
     rank, size = shard
@@ -111,7 +112,7 @@ def evaluate_lm(
     if set_eval:
         model.eval()
     t0 = time.perf_counter()
-    total, count = 0.0, 0
+    total, count, batch_nll, batch_tokens = 0.0, 0, [], []
     try:
         i = 0
         while i < len(pairs):
@@ -124,8 +125,10 @@ def evaluate_lm(
             t_fwd = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = _summed_nll(model, x, y)
-            total += loss.item()
             n = int((y != -100).sum())
+            batch_nll.append(loss.item())
+            batch_tokens.append(n)
+            total += batch_nll[-1]
             count += n
             if on_batch is not None:
                 on_batch(n, time.perf_counter() - t_fwd)
@@ -148,4 +151,6 @@ def evaluate_lm(
         "seconds": time.perf_counter() - t0,
         "context": context,
         "stride": stride or context,
+        "batch_nll": batch_nll,
+        "batch_tokens": batch_tokens,
     }

@@ -36,11 +36,19 @@ from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError, DataError
 from drrl.eval.allocation import layer_sensitivity, static_allocation
+from drrl.eval.bootstrap import ppl_ratio_ci
 from drrl.eval.machine import machine
 from drrl.integrations.hf import _geometry, apply_dynamic_rank, cache_bytes_per_token
 from drrl.integrations.hub import EMBEDDED_MODEL, load_causal_lm
 from drrl.progress import progress
-from drrl.recipes.demo_methods import MethodResult, meet_budget, nearest_buckets, perplexity, train_policy
+from drrl.recipes.demo_methods import (
+    MethodResult,
+    meet_budget,
+    nearest_buckets,
+    perplexity,
+    train_policy,
+    tune_energy,
+)
 from drrl.recipes.demo_report import plots, render_report, render_table
 from drrl.recipes.demo_timing import capture_qkv, time_methods
 from drrl.rl.reward import FIDELITIES
@@ -63,27 +71,30 @@ class DemoConfig:
     bucket: int = 8
     eval_windows: int = 6
     calib_windows: int = 6
-    policy_steps: int = 12  # PPO updates per β (one training window each)
+    policy_steps: int = 12  # PPO updates per policy (one training window each)
     policy_lr: float = 3e-3
     discount: float = 0.0  # a decision's reward is its own segment's: a contextual bandit (GAE with γ = 0)
-    # the first β is the method "drrl"; 0.05 (the paper's default) keeps full rank under this reward (see report)
-    betas: tuple[float, ...] = (0.5, 0.05, 1.0)
-    static_ranks: tuple[int, ...] = (32, 40, 48)  # besides the one matched to drrl's mean rank
+    # budgets (score-FLOPs cuts in (0, 1)), the default comparison: per budget, DR-RL trained to meet it (``drrl@B``:
+    # a Lagrange multiplier on its cost, then an inference-time cost shift tuned on training windows), its frozen
+    # table, the static per-layer allocation searched against the loss (``alloc@B``), the uniform static rank, the
+    # energy rule at the τ that meets it and random ranks with its mean, all at that cut
+    budgets: tuple[float, ...] = (0.4,)
+    lagrange_init: float = 0.5  # the budget policies' initial multiplier of the cost
+    sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
+    # a β sweep (off by default): one policy per fixed cost weight β, the first named "drrl" (with its frozen table,
+    # the static rank nearest its mean rank and random ranks); 0.05, the paper's β, keeps full rank (see BENCHMARKS)
+    betas: tuple[float, ...] = ()
+    static_ranks: tuple[int, ...] = ()  # extra uniform static ranks (a curve for the plot)
     alpha: float = 1.0
     gamma: float = 0.1
-    taus: tuple[float, ...] = (0.97, 0.99)
+    taus: tuple[float, ...] = ()  # extra energy-rule thresholds (a curve for the plot)
     timing_repeats: int = 3
     seed: int = 0
     device: str = "cpu"
-    # budgets (score-FLOPs cuts in (0, 1)): per budget, DR-RL trained to meet it (``drrl@B``: a Lagrange multiplier
-    # on its cost, then an inference-time cost shift tuned on training windows), its frozen table, the static
-    # per-layer allocation searched against the loss (``alloc@B``) and the uniform static rank within it
-    budgets: tuple[float, ...] = ()
-    sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
-    # the policies' reward fidelity: "cosine" (each layer's attention output against a full-rank branch) or "kl"
-    # (the model's next-token distribution against the full-rank model's); the first names drrl, drrl@B, the
-    # others add "-<fidelity>" (their first β and the budgets only), so the rewards compare in one table
-    fidelities: tuple[str, ...] = ("cosine",)
+    # the policies' reward fidelity: "kl" (the model's next-token distribution against the full-rank model's, per
+    # segment) or "cosine" (each layer's attention output against a full-rank branch); the first names drrl@B and
+    # drrl, the others add "-<fidelity>" (the budgets and the first β), so the rewards compare in one table
+    fidelities: tuple[str, ...] = ("kl",)
 
     def __post_init__(self):
         for name in ("context", "segment", "bucket", "eval_windows", "calib_windows", "timing_repeats"):
@@ -91,8 +102,10 @@ class DemoConfig:
                 raise ConfigError(f"demo {name} must be a positive integer, got {getattr(self, name)}")
         if self.policy_steps < 0:
             raise ConfigError(f"demo policy_steps must be >= 0, got {self.policy_steps}")
-        if not self.betas:
-            raise ConfigError("demo needs at least one β (e.g. --betas 0.05)")
+        if not self.betas and not self.budgets:
+            raise ConfigError("demo needs a budget or a β to train a policy for (e.g. --budgets 0.4 or --betas 0.5)")
+        if not (math.isfinite(self.lagrange_init) and self.lagrange_init >= 0):
+            raise ConfigError(f"demo lagrange_init must be finite and >= 0, got {self.lagrange_init}")
         if any(not 0 < b < 1 for b in self.budgets):
             raise ConfigError(f"budgets are score-FLOPs cuts in (0, 1), got {self.budgets}")
         fids = self.fidelities
@@ -158,8 +171,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
         "machine": machine(device),
         "buckets": buckets,
         "matched_static_rank": matched,
-        "policy_overhead": _policy_overhead(results["drrl"]),
+        "policy_overhead": {"method": first_policy(results), **_policy_overhead(results[first_policy(results)])},
         "budgets": budget_info,
+        # DR-RL's perplexity over each same-budget method's (and its frozen table's), bootstrap 95% over windows
+        "comparisons": comparisons(results, cfg),
         "seconds": time.perf_counter() - t_start,
         "rows": rows,
         "rank_grids": {n: r.rank_grid for n, r in results.items() if r.rank_grid is not None},
@@ -210,18 +225,21 @@ def _evaluate_methods(model, layers, results: dict, eval_w, policy_w, cfg: DemoC
                 setups[frozen] = install(lambda table=table: TableController(table))
                 setups[frozen]()
                 results[frozen] = perplexity(model, eval_w, layers, desc=frozen, quiet=quiet)
-    # the heuristics
-    drrl_rank = results["drrl"].mean_rank
-    matched = min(buckets, key=lambda b: (abs(b - drrl_rank), -b))
-    static_ranks = sorted({matched, *(b for b in cfg.static_ranks if b in buckets and b != buckets[-1])})
+    # the heuristics: with a β sweep, the static rank nearest drrl's mean rank and random ranks; the extra curves
+    matched = None
+    if "drrl" in results:
+        drrl_rank = results["drrl"].mean_rank
+        matched = min(buckets, key=lambda b: (abs(b - drrl_rank), -b))
+    static_ranks = sorted({b for b in cfg.static_ranks if b in buckets and b != buckets[-1]} | {matched} - {None})
     for r in static_ranks:
         name = "static" if r == matched else f"static-r={r}"
         setups[name] = install(lambda r=r: build_controller("fixed", rank=r))
         setups[name]()
         results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
-    setups["random"] = install(lambda: build_controller("random", seed=cfg.seed))
-    setups["random"]()
-    results["random"] = perplexity(model, eval_w, layers, desc="random", quiet=quiet)
+    if cfg.betas:
+        setups["random"] = install(lambda: build_controller("random", seed=cfg.seed))
+        setups["random"]()
+        results["random"] = perplexity(model, eval_w, layers, desc="random", quiet=quiet)
     for i, tau in enumerate(cfg.taus):
         name = "energy" if i == 0 else f"energy-tau={tau:g}"
         setups[name] = install(lambda tau=tau: build_controller("energy", tau=tau))
@@ -269,7 +287,7 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
         info[tag] = {"budget": b, "allocation": [row[0] for row in alloc], "uniform_rank": uniform, "policies": {}}
         for f_i, fid in enumerate(cfg.fidelities):
             name = "drrl" + ("" if f_i == 0 else f"-{fid}") + tag
-            ctrl, secs, history = train_policy(model, layers, policy_w, cfg, cfg.betas[0], quiet, budget=b,
+            ctrl, secs, history = train_policy(model, layers, policy_w, cfg, cfg.lagrange_init, quiet, budget=b,
                                                fidelity=fid)  # fmt: skip
             ctrl.eval()
             shift, tuned = meet_budget(ctrl, model, layers, tune_w, b)
@@ -284,7 +302,41 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
             setups[name] = lambda table=table: attach_controller(layers, TableController(table))
             setups[name]()
             results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
+        # the heuristics at the same cut: the energy rule at the τ that meets it on the tuning windows, and random
+        # ranks whose expectation is the budget's rank
+        tau, tuned = tune_energy(model, layers, tune_w, b)
+        setups["energy" + tag] = lambda tau=tau: attach_controller(layers, build_controller("energy", tau=tau))
+        setups["random" + tag] = lambda b=b: attach_controller(
+            layers, build_controller("random", seed=cfg.seed, mean_rank=(1 - b) * r_max)
+        )
+        info[tag].update(energy_tau=tau, energy_tuned_fraction=tuned, random_mean_rank=(1 - b) * r_max)
+        for name in ("energy" + tag, "random" + tag):
+            setups[name]()
+            results[name] = perplexity(model, eval_w, layers, desc=name, quiet=quiet)
     return info
+
+
+def comparisons(results: dict[str, MethodResult], cfg: DemoConfig) -> list[dict]:
+    """DR-RL against each method at the same budget (and the β-sweep's ``drrl`` against its frozen table): the
+    perplexity ratio with a paired bootstrap 95% interval over the evaluation windows (below 1: DR-RL better)."""
+    pairs = [("drrl", "drrl-frozen")] if "drrl-frozen" in results else []
+    for b in cfg.budgets:
+        tag = f"@{100 * b:g}%"
+        ours = "drrl" + tag
+        pairs += [(ours, n) for n in results if n.endswith(tag) and n != ours]
+    rows = []
+    for a, ref in pairs:
+        ra, rb = results[a], results[ref]
+        if len(ra.window_nll) != len(rb.window_nll) or not ra.window_nll:
+            continue
+        ci = ppl_ratio_ci(ra.window_nll, rb.window_nll, ra.window_tokens, seed=cfg.seed)
+        rows.append({"method": a, "reference": ref, **ci.as_dict()})
+    return rows
+
+
+def first_policy(results: dict) -> str:
+    """The demo's headline learned method: ``drrl`` of a β sweep, else the first budget's ``drrl@B``."""
+    return "drrl" if "drrl" in results else next(n for n in results if n.startswith("drrl@"))
 
 
 def _r_max(model) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from drrl import flops
-from drrl.controllers import TableController, attach_controller
+from drrl.controllers import TableController, attach_controller, build_controller
 from drrl.eval.perplexity import evaluate_lm
 from drrl.progress import progress
 from drrl.rl import PolicyTrainer, RLConfig, RLController
@@ -44,6 +44,8 @@ class MethodResult:
     planned_scores: float = 0.0  # Q·Kᵀ FLOPs the decided ranks count (flops["scores"] is what executed)
     window_grids: list = field(default_factory=list)  # per evaluation window: (layers, segments) executed ranks
     feature_use: dict = field(default_factory=dict)  # a learned policy's decisions changed per feature group
+    window_nll: list = field(default_factory=list)  # per evaluation window: summed next-token NLL (bootstrap CIs)
+    window_tokens: list = field(default_factory=list)  # and its scored targets
 
     @property
     def adaptivity(self) -> float | None:
@@ -110,6 +112,7 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
         desc, res["ppl"], mean_rank, dict(fl), dict(full), plan_s, ctrl_s, seen["seconds"],
         np.mean(grids, 0).tolist() if grids else None, planned_scores=planned, window_grids=grids,
         feature_use=feature_use(ctrl, records, layers[0].buckets) if learned else {},
+        window_nll=res["batch_nll"], window_tokens=res["batch_tokens"],
     )  # fmt: skip
 
 
@@ -178,28 +181,53 @@ def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 6) -> 
     execute at most 1 − ``budget`` of the score FLOPs on ``windows`` (training data): doubling, then ``steps``
     bisection steps. Returns (shift, executed fraction on ``windows``)."""
     target = 1 - budget
-    ctrl.cost_shift = 0.0
-    frac = executed_fraction(model, layers, windows)
+
+    def fraction(shift: float) -> float:
+        ctrl.cost_shift = shift
+        return executed_fraction(model, layers, windows)
+
+    frac = fraction(0.0)
     if frac <= target:
         return 0.0, frac
     lo, hi = 0.0, 1.0
-    while (f_hi := _fraction_at(ctrl, hi, model, layers, windows)) > target and hi < 2**12:
+    while (f_hi := fraction(hi)) > target and hi < 2**12:
         lo, hi = hi, 2 * hi
+    shift, frac = smallest_within(fraction, lo, hi, f_hi, target, steps)
+    ctrl.cost_shift = shift
+    return shift, frac
+
+
+def smallest_within(fraction, lo: float, hi: float, f_hi: float, target: float, steps: int) -> tuple[float, float]:
+    """Bisection for the smallest knob x in [lo, hi] with ``fraction(x) <= target``, ``fraction`` non-increasing and
+    ``fraction(hi) = f_hi <= target``: ``steps`` halvings; returns (x, fraction(x)), on the feasible side."""
     frac = f_hi
     for _ in range(steps):
         mid = (lo + hi) / 2
-        f_mid = _fraction_at(ctrl, mid, model, layers, windows)
+        f_mid = fraction(mid)
         if f_mid <= target:
             hi, frac = mid, f_mid
         else:
             lo = mid
-    ctrl.cost_shift = hi
     return hi, frac
 
 
-def _fraction_at(ctrl, shift: float, model, layers, windows) -> float:
-    ctrl.cost_shift = shift
-    return executed_fraction(model, layers, windows)
+def tune_energy(model, layers, windows, budget: float, steps: int = 10) -> tuple[float, float]:
+    """The largest energy threshold τ whose rule executes at most 1 − ``budget`` of the score FLOPs on ``windows``
+    (training data): bisection on log10(1 − τ) in [−6, 0] (the kept energy that matters sits just below 1).
+    Leaves the energy rule at that τ installed; returns (τ, executed fraction on ``windows``)."""
+    target = 1 - budget
+
+    def fraction(x: float) -> float:
+        attach_controller(layers, build_controller("energy", tau=min(1 - 10**x, 1.0) or 1e-12))
+        return executed_fraction(model, layers, windows)
+
+    f0 = fraction(0.0)  # τ → 0: the smallest bucket everywhere
+    if f0 > target:
+        return 1e-12, f0
+    x, frac = smallest_within(fraction, -6.0, 0.0, f0, target, steps)
+    tau = min(1 - 10**x, 1.0) or 1e-12
+    attach_controller(layers, build_controller("energy", tau=tau))
+    return tau, frac
 
 
 def nearest_buckets(grid: list, buckets: list[int]) -> list[list[int]]:

@@ -31,9 +31,9 @@ def render_report(rep: dict) -> str:
 
 Corpus `{c["corpus"]}` (test split), {c["eval_windows"]} evenly spread windows of {c["context"]} tokens; calibration
 on {c["calib_windows"]} training windows; rank decisions every {c["segment"]} tokens per layer, buckets {rep["buckets"]}.
-DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), reward α={c["alpha"]}, γ={c["gamma"]},
-β ∈ {list(c["betas"])} (`drrl` is β={c["betas"][0]}; `energy` is τ={c["taus"][0]}). `static` is the bucket nearest DR-RL's mean rank
-({rep["matched_static_rank"]}). Machine: {rep["machine"]}; the whole job took {rep["seconds"]:.0f} s.
+DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen) on training windows disjoint from the
+calibration's, reward fidelity {", ".join(c["fidelities"])}, α={c["alpha"]}, γ={c["gamma"]}. {_sweep(rep)}
+Machine: {rep["machine"]}; the whole job took {rep["seconds"]:.0f} s.
 
 {render_table(rep["rows"])}
 - FLOPs are counted by `drrl.flops` for the attention layers only (scores, softmax, PV, rank-r maps, Grams and
@@ -44,18 +44,33 @@ DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen), re
   attention (SDPA; for decode the same kernel on full-width keys), median of {c["timing_repeats"]} interleaved repeats.
 - Cache bytes: keys at width r once per KV head plus full-width values. Dynamic methods keep r_max columns.
 - Input adaptivity (the share of (layer, segment) cells whose rank differs between evaluation windows; 0 is a
-  fixed table): {_adaptivity(rep)}. `drrl-frozen` replays `drrl`'s mean rank per cell, rounded to the nearest
+  fixed table): {_adaptivity(rep)}. `drrl-frozen…` replays its policy's mean rank per cell, rounded to the nearest
   bucket, as a fixed table (the ablation: what the policy's input-dependence buys). What the policies read
   (greedy decisions that change when a state-feature group is replaced by its mean over the windows at the same
   layer and segment): {_feature_use(rep)}.
 - Planning (state features, policy forward, rank bookkeeping) took {100 * po["plan_fraction"]:.1f}% of the model's
-  forward time during the `drrl` evaluation (policy forward alone {100 * po["controller_fraction"]:.1f}%).
+  forward time during the `{po.get("method", "drrl")}` evaluation (policy forward alone {100 * po["controller_fraction"]:.1f}%).
 
 {_budgets(rep)}
+{_comparisons(rep)}
 ![pareto](pareto.png)
 
 ![ranks](ranks.png)
 """
+
+
+def _sweep(rep: dict) -> str:
+    c = rep["config"]
+    parts = []
+    if c["betas"]:
+        parts.append(f"β sweep {list(c['betas'])}: `drrl` is β={c['betas'][0]}, `static` the bucket nearest its mean "
+                     f"rank ({rep['matched_static_rank']}).")  # fmt: skip
+    if c["taus"]:
+        parts.append(f"`energy` is the energy rule at τ={c['taus'][0]}.")
+    if c["budgets"]:
+        parts.append(f"Budgets (score-FLOPs cuts): {', '.join(f'{100 * b:g}%' for b in c['budgets'])}, each "
+                     f"policy's cost multiplier starting at {c['lagrange_init']}.")  # fmt: skip
+    return " ".join(parts)
 
 
 def _budgets(rep: dict) -> str:
@@ -69,17 +84,37 @@ def _budgets(rep: dict) -> str:
         f"layer's measured loss at each rank ({sens['forwards']} forward passes, {sens['seconds']:.0f} s); "
         "`static@B` the largest uniform bucket within the budget; `drrl@B` a policy trained with a Lagrange "
         "multiplier λ on its score FLOPs, then greedy with a cost shift tuned on two training windows; "
-        "`drrl-frozen@B` its mean ranks as a table."
+        "`drrl-frozen@B` its mean ranks as a table; `energy@B` the energy rule at the largest τ that meets the "
+        "budget on those windows; `random@B` random ranks whose expectation is the budget's rank."
     ]
     for tag, b in info.items():
         if tag == "sensitivity":
             continue
-        lines.append(f"- {tag}: allocation {b['allocation']}, uniform {b['uniform_rank']}")
+        lines.append(f"- {tag}: allocation {b['allocation']}, uniform {b['uniform_rank']}, energy τ = "
+                     f"{b['energy_tau']:.6g} (executed fraction {b['energy_tuned_fraction']:.3f} on the tuning "
+                     f"windows), random mean rank {b['random_mean_rank']:.1f}")  # fmt: skip
         for name, p in b["policies"].items():
             lines.append(
                 f"  - `{name}`: λ = {p['lagrange']:.3g}, cost shift {p['cost_shift']:.3g} (executed fraction "
                 f"{p['tuned_fraction']:.3f} on the tuning windows)"
             )
+    return "\n".join(lines) + "\n"
+
+
+def _comparisons(rep: dict) -> str:
+    """DR-RL's perplexity over each reference's, with the paired bootstrap interval over windows."""
+    rows = rep.get("comparisons") or []
+    if not rows:
+        return ""
+    lines = [
+        "Perplexity of DR-RL over each method's on the same windows (below 1: DR-RL better), with a paired "
+        f"bootstrap {100 * rows[0]['level']:g}% interval over the {rows[0]['windows']} windows "
+        f"({rows[0]['resamples']} resamples); an interval that holds 1 is no evidence either way.\n",
+        "| DR-RL | against | ppl ratio | interval |",
+        "|---|---|---:|---|",
+    ]
+    lines += [f"| {r['method']} | {r['reference']} | {r['ratio']:.4f} | [{r['low']:.4f}, {r['high']:.4f}] |"
+              for r in rows]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -133,14 +168,15 @@ def plots(rep: dict, out: Path) -> None:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
-    grid = rep["rank_grids"].get("drrl")
+    name = "drrl" if "drrl" in rep["rank_grids"] else next((n for n in rep["rank_grids"] if n.startswith("drrl@")), "")
+    grid = rep["rank_grids"].get(name)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     if grid:
         im = ax.imshow(np.array(grid), aspect="auto", cmap="viridis", origin="lower")
         fig.colorbar(im, ax=ax, label="mean executed rank")
     ax.set_xlabel(f"segment ({rep['config']['segment']} tokens)")
     ax.set_ylabel("layer")
-    ax.set_title("DR-RL rank per layer and segment (evaluation windows)")
+    ax.set_title(f"{name or 'DR-RL'}: rank per layer and segment (evaluation windows)")
     fig.tight_layout()
     with atomic_path(out / "ranks.png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
