@@ -176,22 +176,32 @@ def executed_fraction(model, layers, windows) -> float:
     return sum(f.get("scores", 0) for f in fl) / max(sum(f.get("full_scores", 0) for f in fl), 1)
 
 
-def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 6) -> tuple[float, float]:
-    """The smallest inference-time cost shift (:attr:`~drrl.rl.RLController.cost_shift`) whose greedy decisions
-    execute at most 1 − ``budget`` of the score FLOPs on ``windows`` (training data): doubling, then ``steps``
-    bisection steps. Returns (shift, executed fraction on ``windows``)."""
-    target = 1 - budget
+def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 8) -> tuple[float, float]:
+    """The inference-time cost shift (:attr:`~drrl.rl.RLController.cost_shift`) that spends the budget: the
+    smallest shift whose greedy decisions execute at most 1 − ``budget`` of the score FLOPs on ``windows``
+    (training data). A policy that spends more gets a positive shift (lower ranks), one that spends less a negative
+    one (higher ranks), so every policy is compared at the budget, not below it. Doubling brackets the shift, then
+    ``steps`` bisection steps. Returns (shift, executed fraction on ``windows``)."""
+    target, limit = 1 - budget, 2.0**12
 
     def fraction(shift: float) -> float:
         ctrl.cost_shift = shift
         return executed_fraction(model, layers, windows)
 
-    frac = fraction(0.0)
-    if frac <= target:
-        return 0.0, frac
-    lo, hi = 0.0, 1.0
-    while (f_hi := fraction(hi)) > target and hi < 2**12:
-        lo, hi = hi, 2 * hi
+    f0 = fraction(0.0)
+    if f0 > target:  # too expensive: raise the shift until it fits
+        lo, hi = 0.0, 1.0
+        while (f_hi := fraction(hi)) > target and hi < limit:
+            lo, hi = hi, 2 * hi
+        if f_hi > target:  # not even the largest shift fits (e.g. the guardrail forces high ranks)
+            return hi, f_hi
+    else:  # within the budget: lower the shift while it still fits
+        lo, hi, f_hi = -1.0, 0.0, f0
+        while (f_lo := fraction(lo)) <= target and lo > -limit:
+            lo, hi, f_hi = 2 * lo, lo, f_lo
+        if f_lo <= target:  # even the largest bonus fits (every decision at r_max)
+            ctrl.cost_shift = lo
+            return lo, f_lo
     shift, frac = smallest_within(fraction, lo, hi, f_hi, target, steps)
     ctrl.cost_shift = shift
     return shift, frac
