@@ -20,6 +20,17 @@ from drrl.train.distributed import Collectives, broadcast_state, check_in_sync, 
 from drrl.train.recovery import RecoveryConfig, lora_recover
 
 
+def thread_names() -> list[str]:
+    """Names of this process's threads (Linux: /proc/self/task/*/comm; gloo's are gloo_* and pt_gloo_*)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sorted(names)
+
+
 def gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -46,7 +57,18 @@ def recovery() -> dict:
 
 
 def main(out: Path) -> None:
-    world, device = setup("cpu")
+    # as drrl train does: the work in its own frame, so its DDP module and collectives are gone at teardown
+    world, _ = setup("cpu")
+    try:
+        report = work(world)
+        report["threads_before_teardown"] = thread_names()
+    finally:
+        teardown(world)  # the group is freed here, so gloo's threads stop now, not at interpreter exit
+    report["threads_after_teardown"] = thread_names()
+    (out / f"rank{world.rank}.json").write_text(json.dumps(report))
+
+
+def work(world) -> dict:
     torch.manual_seed(0)
     cfg = GPTConfig(
         vocab_size=64, n_layer=2, n_head=2, d_model=32, context=32, attention="drrl",
@@ -56,7 +78,7 @@ def main(out: Path) -> None:
     rl = model.rank_controller
     policy_ids = {id(p) for p in rl.parameters()}
     policy_names = [n for n, p in model.named_parameters() if id(p) in policy_ids]
-    step_module = wrap(model, world, device, "ddp", ignore=policy_names)
+    step_module = wrap(model, world, torch.device("cpu"), "ddp", ignore=policy_names)
     ppo = PPO(rl.policy, comm=Collectives(world))
     lm_params = [p for p in model.parameters() if id(p) not in policy_ids]
     optimizer = torch.optim.AdamW(lm_params, lr=1e-2)
@@ -94,8 +116,7 @@ def main(out: Path) -> None:
     except DrrlError as e:
         report["divergence_detected"] = str(e)
     report["recovery"] = recovery()
-    (out / f"rank{world.rank}.json").write_text(json.dumps(report))
-    teardown(world)
+    return report
 
 
 if __name__ == "__main__":

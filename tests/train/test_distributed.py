@@ -170,6 +170,12 @@ def test_rank_decisions_and_parameters_agree_across_processes(tmp_path):
     assert r0["recovery"]["loss_last"] == pytest.approx(alone["loss_last"], rel=1e-4)
     assert r0["recovery"]["weights"] == pytest.approx(alone["weights"], rel=1e-4, abs=1e-4)
     assert r0["divergence_detected"] == r1["divergence_detected"]
+    # teardown frees the group: gloo's threads, alive before it, are joined by it (a group left to interpreter
+    # exit is what made processes abort under load), on Linux where threads have names to read
+    if sys.platform == "linux":
+        for r in (r0, r1):
+            assert any("gloo" in n for n in r["threads_before_teardown"])
+            assert not any("gloo" in n for n in r["threads_after_teardown"]), r["threads_after_teardown"]
 
 
 @pytest.mark.distributed
