@@ -163,8 +163,8 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
         "baselines at the same score-FLOPs cut: its own frozen table, a static per-layer allocation searched against "
         "the loss, the uniform static rank, the energy rule and random ranks, on a pretrained LLM at long context. "
         "Prints a table and writes report.md, results.json, pareto.png and ranks.png into --out. Defaults: the "
-        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024, a 40% cut, the KL reward (about 8 "
-        "minutes on 2 CPU cores).",
+        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024, a 40% cut (about 8 minutes on 2 "
+        "CPU cores).",
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     dm.add_argument("--corpus", default="shakespeare", help="shakespeare | text:PATH | wikitext-2[:DIR] (test split)")
@@ -179,10 +179,10 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
                          "multiplier on its cost), its frozen table, a static per-layer allocation searched against "
                          "the loss, the uniform static rank, the energy rule and random ranks, all at that cut; "
                          "about 3 minutes per budget plus a one-off search; 'none' for none (default: 0.4)")  # fmt: skip
-    dm.add_argument("--fidelities", type=_names, default=("kl",),
-                    help="the policies' reward fidelity: kl (the next-token distribution against the full-rank "
-                         "model's, per segment) and/or cosine (each layer's attention output against full rank); "
-                         "the first names drrl@B, the others add -<fidelity> (default: kl)")  # fmt: skip
+    dm.add_argument("--fidelities", type=_names, default=("cosine",),
+                    help="the policies' reward fidelity: cosine (each layer's attention output against full rank) "
+                         "and/or kl (the next-token distribution against the full-rank model's, per segment); the "
+                         "first names drrl@B, the others add -<fidelity> (default: cosine)")  # fmt: skip
     dm.add_argument("--betas", type=_floats_or_none, default=(),
                     help="a β sweep besides the budgets: one policy per fixed cost weight β, the first named drrl, "
                          "with its frozen table, the static rank nearest its mean rank and random ranks "

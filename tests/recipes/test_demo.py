@@ -87,7 +87,7 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
 
 
 def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsys):
-    # the defaults: every method at a 40% cut, the KL reward; no β sweep
+    # the defaults: every method at a 40% cut, the cosine reward; no β sweep
     assert main(["-q", "demo", "--quick", "--model", tiny_model_dir, "--corpus", text_corpus,
                  "--out", str(tmp_path / "d")]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, cap
         assert f"| {name} |" in out
     assert "| drrl |" not in out and (tmp_path / "d" / "results.json").is_file()
     rep = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert rep["config"]["fidelities"] == ["kl"] and rep["policy_overhead"]["method"] == "drrl@40%"
+    assert rep["config"]["fidelities"] == ["cosine"] and rep["policy_overhead"]["method"] == "drrl@40%"
     assert main(["-q", "demo", "--budgets", "none", "--model", tiny_model_dir, "--out", str(tmp_path / "y")]) != 0
     assert "needs a budget or a β" in capsys.readouterr().err and not (tmp_path / "y").exists()
     code = main(["-q", "demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])

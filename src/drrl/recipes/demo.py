@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Settings of ``drrl demo`` (defaults: about 6 minutes on 2 CPU cores)."""
+    """Settings of ``drrl demo`` (defaults: about 8 minutes on 2 CPU cores)."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M
     trust_remote_code: bool = False  # let a hub model run its own Python code (only for models you trust)
@@ -75,14 +75,15 @@ class DemoConfig:
     policy_lr: float = 3e-3
     discount: float = 0.0  # a decision's reward is its own segment's: a contextual bandit (GAE with γ = 0)
     # budgets (score-FLOPs cuts in (0, 1)), the default comparison: per budget, DR-RL trained to meet it (``drrl@B``:
-    # a Lagrange multiplier on its cost, then an inference-time cost shift tuned on training windows), its frozen
+    # a Lagrange multiplier on its cost, then an inference-time cost shift tuned on a training window), its frozen
     # table, the static per-layer allocation searched against the loss (``alloc@B``), the uniform static rank, the
     # energy rule at the τ that meets it and random ranks with its mean, all at that cut
     budgets: tuple[float, ...] = (0.4,)
     lagrange_init: float = 0.5  # the budget policies' initial multiplier of the cost
     sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
+    tune_windows: int = 1  # policy-training windows the cost shift and the energy rule's τ are tuned on
     # a β sweep (off by default): one policy per fixed cost weight β, the first named "drrl" (with its frozen table,
-    # the static rank nearest its mean rank and random ranks); 0.05, the paper's β, keeps full rank (see BENCHMARKS)
+    # the static rank nearest its mean rank and random ranks); 0.05, the paper's β, kept full rank in earlier runs
     betas: tuple[float, ...] = ()
     static_ranks: tuple[int, ...] = ()  # extra uniform static ranks (a curve for the plot)
     alpha: float = 1.0
@@ -91,10 +92,11 @@ class DemoConfig:
     timing_repeats: int = 3
     seed: int = 0
     device: str = "cpu"
-    # the policies' reward fidelity: "kl" (the model's next-token distribution against the full-rank model's, per
-    # segment) or "cosine" (each layer's attention output against a full-rank branch); the first names drrl@B and
-    # drrl, the others add "-<fidelity>" (the budgets and the first β), so the rewards compare in one table
-    fidelities: tuple[str, ...] = ("kl",)
+    # the policies' reward fidelity: "cosine" (each layer's attention output against a full-rank branch) or "kl"
+    # (the model's next-token distribution against the full-rank model's, per segment: one reward shared by every
+    # layer's decision, which 12 updates cannot apportion among 30 layers; see BENCHMARKS); the first names drrl@B
+    # and drrl, the others add "-<fidelity>" (the budgets and the first β), so the rewards compare in one table
+    fidelities: tuple[str, ...] = ("cosine",)
 
     def __post_init__(self):
         for name in ("context", "segment", "bucket", "eval_windows", "calib_windows", "timing_repeats"):
@@ -111,6 +113,8 @@ class DemoConfig:
         fids = self.fidelities
         if not fids or any(f not in FIDELITIES for f in fids) or len(set(fids)) < len(fids):
             raise ConfigError(f"demo fidelities must be distinct, from {', '.join(FIDELITIES)}; got {fids}")
+        if self.tune_windows < 1:
+            raise ConfigError(f"demo tune_windows must be >= 1, got {self.tune_windows}")
         if self.sensitivity_windows < 1:
             raise ConfigError(f"demo sensitivity_windows must be >= 1, got {self.sensitivity_windows}")
         if any(not 0 < t <= 1 for t in self.taus):
@@ -268,8 +272,10 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
         return {}
     buckets = layers[0].buckets.tolist()
     r_max, device = buckets[-1], next(model.parameters()).device
-    # the loss of each layer alone at every other bucket (and r_max), on calibration windows
-    cand = sorted({*buckets[1::2], r_max}) if len(buckets) > 2 else buckets
+    # the loss of each layer alone at every other bucket from r_max down to r_max / 2, on calibration windows (a
+    # rank below half rarely pays for its loss at cuts up to 50%; the search is the job's largest cost)
+    top = sorted(buckets[::-1][::2])
+    cand = buckets if len(buckets) <= 2 else [r for r in top if r >= r_max / 2]
     sens_w = [w.to(device) for w in calib_w[: cfg.sensitivity_windows]]
     bar = progress(total=1 + len(layers) * (len(cand) - 1), desc="layer sensitivity", unit="fwd", disable=quiet,
                    leave=False)  # fmt: skip
@@ -278,7 +284,7 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
     bar.close()
     info = {"sensitivity": {"ranks": sens.ranks, "loss": sens.loss, "base": sens.base, "forwards": sens.forwards,
                             "seconds": time.perf_counter() - t0}}  # fmt: skip
-    tune_w = policy_w[:2]
+    tune_w = policy_w[: cfg.tune_windows]
     for b in cfg.budgets:
         tag = f"@{100 * b:g}%"
         uniform = max([r for r in buckets if r <= (1 - b) * r_max + 1e-9] or buckets[:1])  # the budget's bucket

@@ -176,7 +176,7 @@ def executed_fraction(model, layers, windows) -> float:
     return sum(f.get("scores", 0) for f in fl) / max(sum(f.get("full_scores", 0) for f in fl), 1)
 
 
-def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 8) -> tuple[float, float]:
+def meet_budget(ctrl, model, layers, windows, budget: float, steps: int = 6) -> tuple[float, float]:
     """The inference-time cost shift (:attr:`~drrl.rl.RLController.cost_shift`) that spends the budget: the
     smallest shift whose greedy decisions execute at most 1 − ``budget`` of the score FLOPs on ``windows``
     (training data). A policy that spends more gets a positive shift (lower ranks), one that spends less a negative
@@ -221,7 +221,7 @@ def smallest_within(fraction, lo: float, hi: float, f_hi: float, target: float, 
     return hi, frac
 
 
-def tune_energy(model, layers, windows, budget: float, steps: int = 10) -> tuple[float, float]:
+def tune_energy(model, layers, windows, budget: float, steps: int = 7) -> tuple[float, float]:
     """The largest energy threshold τ whose rule executes at most 1 − ``budget`` of the score FLOPs on ``windows``
     (training data): bisection on log10(1 − τ) in [−6, 0] (the kept energy that matters sits just below 1).
     Leaves the energy rule at that τ installed; returns (τ, executed fraction on ``windows``)."""

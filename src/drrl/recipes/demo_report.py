@@ -83,7 +83,7 @@ def _budgets(rep: dict) -> str:
         f"Budgets: `alloc@B` is a rank per layer from ranks {sens['ranks']}, chosen by an exact knapsack on each "
         f"layer's measured loss at each rank ({sens['forwards']} forward passes, {sens['seconds']:.0f} s); "
         "`static@B` the largest uniform bucket within the budget; `drrl@B` a policy trained with a Lagrange "
-        "multiplier λ on its score FLOPs, then greedy with a cost shift tuned on two training windows; "
+        "multiplier λ on its score FLOPs, then greedy with a cost shift tuned on training windows (tune_windows); "
         "`drrl-frozen@B` its mean ranks as a table; `energy@B` the energy rule at the largest τ that meets the "
         "budget on those windows; `random@B` random ranks whose expectation is the budget's rank."
     ]
