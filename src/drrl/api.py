@@ -84,8 +84,6 @@ def evaluate(
         device=dev,
         bf16=use_bf16(cfg.train.precision, dev),
     )
-    for key in ("batch_nll", "batch_tokens"):  # per batch: an eval.json of a whole split stays one record
-        result.pop(key)
     result.update(corpus=corpus, split=split, step=ckpt.step, checkpoint=str(ckpt.path))
     if out is not None:
         write_json_atomic(out, result)

@@ -32,7 +32,7 @@ def test_windows_of_a_hugging_face_model_match_a_float64_reference():
     g = torch.Generator().manual_seed(1)
     windows = [torch.randint(0, 64, (17,), generator=g) for _ in range(3)]
     seen = []
-    res = evaluate_lm(model, windows, batch_size=1, on_batch=lambda n, s: seen.append((n, s)))
+    res = evaluate_lm(model, windows, batch_size=1, on_batch=lambda n, s: seen.append((n, s)), per_batch=True)
     ref = naive_ppl(lambda x: model(input_ids=x, use_cache=False).logits, windows)
     assert math.isclose(res["ppl"], ref, rel_tol=1e-5)
     assert res["tokens"] == 48 and [n for n, _ in seen] == [16, 16, 16] and all(s >= 0 for _, s in seen)

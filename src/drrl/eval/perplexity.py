@@ -89,6 +89,7 @@ def evaluate_lm(
     shard: tuple[int, int] = (0, 1),
     on_batch: Callable[[int, float], None] | None = None,
     set_eval: bool = True,
+    per_batch: bool = False,
 ) -> dict:
     """Mean next-token loss and perplexity of a causal LM (drrl's or a Hugging Face one); every target token
     is scored exactly once. The one perplexity of drrl: training, ``drrl eval``, the demo and compress use it.
@@ -102,8 +103,8 @@ def evaluate_lm(
     per-window bookkeeping). ``set_eval`` puts the model in eval mode for the evaluation and gives every module
     its own mode back afterwards; ``False`` evaluates in the modes the caller set (the demo's frozen LLM, whose
     rank controllers keep theirs). Returns ``{"loss", "ppl", "tokens" (scored targets), "seconds", "context",
-    "stride", "batch_nll", "batch_tokens"}``; the last two are per batch (this process's), summed NLL and scored
-    targets: per window with ``batch_size=1`` (bootstrap intervals, :mod:`drrl.eval.bootstrap`).
+    "stride"}``; with ``per_batch`` also ``"batch_nll"`` and ``"batch_tokens"``, this process's summed NLL and
+    scored targets per batch: per window with ``batch_size=1`` (bootstrap intervals, :mod:`drrl.eval.bootstrap`).
     """
     device = torch.device(device)
     rank, size = shard
@@ -144,6 +145,7 @@ def evaluate_lm(
         dist.all_reduce(sums)
         total, count = sums[0].item(), int(sums[1].item())
     mean = total / max(count, 1)
+    extra = {"batch_nll": batch_nll, "batch_tokens": batch_tokens} if per_batch else {}
     return {
         "loss": mean,
         "ppl": math.exp(mean),
@@ -151,6 +153,5 @@ def evaluate_lm(
         "seconds": time.perf_counter() - t0,
         "context": context,
         "stride": stride or context,
-        "batch_nll": batch_nll,
-        "batch_tokens": batch_tokens,
+        **extra,
     }

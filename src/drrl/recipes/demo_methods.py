@@ -105,7 +105,7 @@ def perplexity(model, windows, layers=(), desc: str = "eval", quiet: bool = Fals
 
     # the LLM is frozen (eval mode); its drrl layers and controllers keep the modes the job gave them
     res = evaluate_lm(model, windows, batch_size=1, device=next(model.parameters()).device, on_batch=on_window,
-                      set_eval=False)  # fmt: skip
+                      set_eval=False, per_batch=True)  # fmt: skip
     bar.close()
     mean_rank, fl, full, plan_s, ctrl_s, planned = _layer_stats(layers)
     return MethodResult(
@@ -227,15 +227,18 @@ def tune_energy(model, layers, windows, budget: float, steps: int = 7) -> tuple[
     Leaves the energy rule at that τ installed; returns (τ, executed fraction on ``windows``)."""
     target = 1 - budget
 
+    def tau_at(x: float) -> float:  # log10(1 - τ) = x; τ stays > 0 (the rule's domain)
+        return max(1 - 10**x, 1e-12)
+
     def fraction(x: float) -> float:
-        attach_controller(layers, build_controller("energy", tau=min(1 - 10**x, 1.0) or 1e-12))
+        attach_controller(layers, build_controller("energy", tau=tau_at(x)))
         return executed_fraction(model, layers, windows)
 
     f0 = fraction(0.0)  # τ → 0: the smallest bucket everywhere
     if f0 > target:
-        return 1e-12, f0
+        return tau_at(0.0), f0
     x, frac = smallest_within(fraction, -6.0, 0.0, f0, target, steps)
-    tau = min(1 - 10**x, 1.0) or 1e-12
+    tau = tau_at(x)
     attach_controller(layers, build_controller("energy", tau=tau))
     return tau, frac
 

@@ -180,8 +180,6 @@ def _train(cfg: RunConfig, out: Path, world: World, device: torch.device, *, res
             eval_module, val_tokens, eval_context, stride=cfg.eval.stride, batch_size=cfg.eval.batch_size,
             max_tokens=max_tokens, device=device, bf16=bf16, shard=eval_shard,
         )  # fmt: skip
-        for key in ("batch_nll", "batch_tokens"):  # this process's batches only: not part of the run's record
-            result.pop(key)
         model.attention_stats()  # drop the evaluation's rank counters: the training log reports training steps
         set_modes()
         return result
