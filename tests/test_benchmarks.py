@@ -64,3 +64,21 @@ def test_ddp_throughput_benchmark_writes_its_schema(tmp_path, capsys, text_corpu
     assert data["runs"]["ddp"][0]["val_loss"] == pytest.approx(data["runs"]["single"][0]["val_loss"], rel=1e-4)
     assert data["ddp_over_single"] == data["median_tokens_per_s"]["ddp"] / data["median_tokens_per_s"]["single"]
     assert "ratio" in capsys.readouterr().out
+
+
+def test_fisher_kl_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("fisher_kl")
+    out = tmp_path / "f.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--context", "48", "--segment", "16",
+                       "--bucket", "4", "--ranks", "4,8", "--layers", "0,1", "--calib-windows", "1",
+                       "--eval-windows", "1", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert [r["config"] for r in data["rows"]] == ["every layer at 4", "every layer at 8", "layer 0 alone at 4",
+                                                   "layer 1 alone at 4"]  # fmt: skip
+    for r in data["rows"]:
+        assert r["exact_kl"] > 0 and r["estimated_kl"] > 0
+    rows = data["rows"]
+    # the estimate of the whole model at rank 4 sums the layers' estimates alone, up to the inputs they see
+    assert rows[0]["estimated_kl"] > max(rows[2]["estimated_kl"], rows[3]["estimated_kl"])
+    assert -1 <= data["spearman_estimated_vs_exact"] <= 1
+    assert "| layer 1 alone at 4 |" in capsys.readouterr().out

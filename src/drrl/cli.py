@@ -159,11 +159,12 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
         "demo",
         parents=[quiet],
         help="the main job: DR-RL against full attention and rank heuristics on a pretrained LLM",
-        description="Compare DR-RL (a rank policy trained with PPO, LM frozen) with full attention and the "
-        "baselines at the same score-FLOPs cut: its own frozen table, a static per-layer allocation searched against "
-        "the loss, the uniform static rank, the energy rule and random ranks, on a pretrained LLM at long context. "
+        description="Compare DR-RL (a rank policy trained with PPO, LM frozen, each decision rewarded by the KL its "
+        "output error costs) with full attention and the baselines at the same score-FLOPs cut: its own frozen table, "
+        "a static per-layer allocation searched against the loss, a static per-(layer, segment) table from the same "
+        "KL estimates, the uniform static rank, the energy rule and random ranks, on a pretrained LLM. "
         "Prints a table and writes report.md, results.json, pareto.png and ranks.png into --out. Defaults: the "
-        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024, a 40% cut (about 8 minutes on 2 "
+        "embedded SmolLM2-135M, held-out Shakespeare plays, context 1024, a 40% cut (about 9 minutes on 2 "
         "CPU cores).",
     )
     dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
@@ -179,10 +180,11 @@ def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
                          "multiplier on its cost), its frozen table, a static per-layer allocation searched against "
                          "the loss, the uniform static rank, the energy rule and random ranks, all at that cut; "
                          "about 3 minutes per budget plus a one-off search; 'none' for none (default: 0.4)")  # fmt: skip
-    dm.add_argument("--fidelities", type=_names, default=("cosine",),
-                    help="the policies' reward fidelity: cosine (each layer's attention output against full rank) "
-                         "and/or kl (the next-token distribution against the full-rank model's, per segment); the "
-                         "first names drrl@B, the others add -<fidelity> (default: cosine)")  # fmt: skip
+    dm.add_argument("--fidelities", type=_names, default=("fisher",),
+                    help="the policies' reward fidelity: cosine (each layer's attention output against full rank), "
+                         "fisher (the KL each layer's output error costs, from its output Fisher) and/or kl (the "
+                         "next-token distribution against the full-rank model's, per segment); the first names "
+                         "drrl@B, the others add -<fidelity> (default: fisher)")  # fmt: skip
     dm.add_argument("--betas", type=_floats_or_none, default=(),
                     help="a β sweep besides the budgets: one policy per fixed cost weight β, the first named drrl, "
                          "with its frozen table, the static rank nearest its mean rank and random ranks "

@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 
 from drrl.attention import calibrating
 from drrl.controllers import TableController, attach_controller
-from drrl.eval.allocation import allocate, layer_sensitivity, static_allocation, table_fraction
+from drrl.eval.allocation import (
+    CellErrors,
+    allocate,
+    cell_allocation,
+    fisher_errors,
+    layer_sensitivity,
+    output_fisher,
+    static_allocation,
+    table_fraction,
+)
 from drrl.models import GPT, GPTConfig
 
 
@@ -76,3 +85,64 @@ def test_bad_budgets_and_ranks_are_clear_errors():
                           attention_kwargs={"controller": "fixed", "rank": 16, "bucket": 8}))  # fmt: skip
     with pytest.raises(ValueError, match="ending at r_max"):
         layer_sensitivity(model, [model.blocks[0].attn], [torch.arange(9)], ranks=[8])
+
+
+def _cost_and_error(errs: CellErrors, table):
+    cost = sum(p * r for row in table for p, r in zip(errs.pairs, row, strict=True))
+    err = sum(cell[errs.ranks.index(r)] for erow, row in zip(errs.error, table, strict=True)
+              for cell, r in zip(erow, row, strict=True))  # fmt: skip
+    return cost, err
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.lists(st.floats(0, 3), min_size=2, max_size=2), min_size=2, max_size=2), min_size=1,
+             max_size=3),
+    st.lists(st.integers(1, 9), min_size=2, max_size=2),
+    st.floats(0, 0.6),
+)  # fmt: skip
+def test_cell_allocation_meets_the_budget_and_no_table_as_cheap_has_less_error(errors, pairs, budget):
+    """Everett's theorem for the Lagrangian pick: any table costing no more than the returned one has at least
+    its summed error (checked by brute force over every table)."""
+    ranks = [2, 4, 8]
+    errs = CellErrors(ranks, [[[*cell, 0.0] for cell in row] for row in errors], pairs, 1)
+    table = cell_allocation(errs, budget)
+    total = sum(pairs) * 8 * len(errors)
+    cost, err = _cost_and_error(errs, table)
+    assert cost <= (1 - budget) * total + 1e-9
+    cells = [(i, s) for i in range(len(errors)) for s in range(2)]
+    for combo in itertools.product(ranks, repeat=len(cells)):
+        t = [[0, 0] for _ in errors]
+        for (i, s), r in zip(cells, combo, strict=True):
+            t[i][s] = r
+        c, e = _cost_and_error(errs, t)
+        if c <= cost:
+            assert e >= err - 1e-9
+
+
+def test_fisher_errors_of_a_tiny_model_and_the_table_they_give():
+    from drrl.integrations.hf import apply_dynamic_rank
+    from tests.integrations.test_hf import tiny_llama
+
+    model = tiny_llama().float()
+    ids = torch.randint(0, 100, (3, 49), generator=torch.Generator().manual_seed(1))
+    layers = apply_dynamic_rank(model, controller="fixed", rank=16, segment=16, bucket=4)
+    with calibrating(model):
+        model(input_ids=ids[:, :-1])
+    with pytest.raises(ValueError, match="output_fisher"):
+        fisher_errors(model, layers, list(ids[:1]), [4, 8])
+    output_fisher(model, layers, list(ids[:2]))
+    errs = fisher_errors(model, layers, list(ids[1:]), [4, 8])
+    assert errs.ranks == [4, 8, 16] and errs.forwards == 2 * 2 and len(errs.pairs) == 3
+    assert errs.pairs == [16 * 17 // 2, 16 * 16 + 16 * 17 // 2, 32 * 16 + 16 * 17 // 2]
+    assert len(errs.error) == 2 and all(len(row) == 3 and all(len(c) == 3 for c in row) for row in errs.error)
+    assert all(c[-1] == 0 and min(c) >= 0 and c[0] > 0 for row in errs.error for c in row)
+    assert all(m.controller.table == [[16]] * 2 for m in layers)  # left at r_max
+    table = cell_allocation(errs, 0.4)
+    attach_controller(layers, TableController(table))
+    for m in layers:
+        m.pop_stats()
+    with torch.no_grad():
+        model(input_ids=ids[:1, :-1])
+    fl = [m.pop_stats(with_flops=True)["flops"] for m in layers]
+    assert sum(f["scores"] for f in fl) / sum(f["full_scores"] for f in fl) <= 0.6 + 1e-9  # it runs at its cut

@@ -54,19 +54,23 @@ def test_demo_end_to_end(tiny_model_dir, text_corpus, tmp_path):
 def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, text_corpus, tmp_path):
     cfg = DemoConfig(model=tiny_model_dir, corpus=text_corpus, context=64, segment=16, bucket=4, eval_windows=2,
                      calib_windows=2, policy_steps=2, betas=(0.5,), taus=(0.97,), timing_repeats=1, static_ranks=(),
-                     budgets=(0.4,), fidelities=("kl", "cosine"))  # fmt: skip
+                     budgets=(0.4,), fidelities=("fisher", "kl", "cosine"))  # fmt: skip
     rep = run_demo(cfg, tmp_path, quiet=True)
     rows = {r["method"]: r for r in rep["rows"]}
-    for name in ("drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%", "drrl-cosine@40%",
-                 "drrl-frozen-cosine@40%", "drrl", "drrl-cosine", "drrl-frozen-cosine"):  # fmt: skip
+    for name in ("drrl@40%", "drrl-frozen@40%", "alloc@40%", "static@40%", "drrl-cosine@40%", "drrl-kl@40%",
+                 "drrl-frozen-cosine@40%", "drrl", "drrl-cosine", "drrl-kl", "drrl-frozen-cosine"):  # fmt: skip
         assert name in rows
+    assert rep["output_fisher"]["windows"] == 1 and rep["output_fisher"]["seconds"] > 0
     # the static rows meet the budget by construction (buckets 4..16: the uniform bucket within 60% is 8)
     assert rep["budgets"]["@40%"]["uniform_rank"] == 8 and rows["static@40%"]["score_flops_reduction"] == 0.5
     assert rows["alloc@40%"]["score_flops_reduction"] >= 0.4 - 1e-9
+    assert rows["alloc-cells@40%"]["score_flops_reduction"] >= 0.4 - 1e-9  # the Fisher table per (layer, segment)
+    assert rep["budgets"]["cell_errors"]["forwards"] == 3  # one window at each bucket below r_max (4, 8, 12)
     alloc = rep["budgets"]["@40%"]["allocation"]
     assert len(alloc) == 2 and sum(alloc) / (2 * 16) <= 0.6 + 1e-9
     for p in rep["budgets"]["@40%"]["policies"].values():
         assert p["tuned_fraction"] <= 0.6 + 1e-9  # the cost shift meets it on the tuning windows
+        assert p["lagrange"] != cfg.lagrange_init  # trained with the budget: dual ascent moved the multiplier
     sens = rep["budgets"]["sensitivity"]
     assert sens["ranks"] == [8, 16] and sens["forwards"] == 1 + 2 * 1
     # the heuristics at the same cut: the energy rule's τ meets it on the tuning windows; random's mean is its rank
@@ -77,7 +81,7 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
     # DR-RL against every method at the same budget, with a bootstrap interval; the ratio is the rows' ppl ratio
     cmp = {(c["method"], c["reference"]): c for c in rep["comparisons"]}
     refs = {"drrl-frozen@40%", "alloc@40%", "static@40%", "energy@40%", "random@40%", "drrl-cosine@40%",
-            "drrl-frozen-cosine@40%"}  # fmt: skip
+            "drrl-frozen-cosine@40%", "drrl-kl@40%", "drrl-frozen-kl@40%", "alloc-cells@40%"}  # fmt: skip
     assert {r for m, r in cmp if m == "drrl@40%"} == refs
     for (m, r), c in cmp.items():
         assert c["low"] <= c["ratio"] <= c["high"] and c["windows"] == 2
@@ -87,7 +91,7 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
 
 
 def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, capsys):
-    # the defaults: every method at a 40% cut, the cosine reward; no β sweep
+    # the defaults: every method at a 40% cut, the fisher reward; no β sweep
     assert main(["-q", "demo", "--quick", "--model", tiny_model_dir, "--corpus", text_corpus,
                  "--out", str(tmp_path / "d")]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -95,7 +99,8 @@ def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, cap
         assert f"| {name} |" in out
     assert "| drrl |" not in out and (tmp_path / "d" / "results.json").is_file()
     rep = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert rep["config"]["fidelities"] == ["cosine"] and rep["policy_overhead"]["method"] == "drrl@40%"
+    assert rep["config"]["fidelities"] == ["fisher"] and rep["policy_overhead"]["method"] == "drrl@40%"
+    assert "alloc-cells@40%" in out
     assert main(["-q", "demo", "--budgets", "none", "--model", tiny_model_dir, "--out", str(tmp_path / "y")]) != 0
     assert "needs a budget or a β" in capsys.readouterr().err and not (tmp_path / "y").exists()
     code = main(["-q", "demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])

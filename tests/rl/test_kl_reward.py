@@ -1,5 +1,6 @@
-"""The loss-aware reward: exp(−KL) of the model's next-token distribution against the full-rank model's, per
-segment, credited to every layer's decision for that segment."""
+"""The loss-aware rewards: exp(−KL) of the model's next-token distribution against the full-rank model's, per
+segment, credited to every layer's decision for that segment ("kl"); and each decision's own second-order KL
+estimate from its layer's output Fisher ("fisher")."""
 
 import math
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drrl.controllers import FixedController, attach_controller
+from drrl.controllers import Feedback, FixedController, attach_controller
 from drrl.models import GPT, GPTConfig
-from drrl.rl import PolicyTrainer, RLConfig
-from drrl.rl.reward import segment_kl
+from drrl.rl import PolicyTrainer, RLConfig, RLController
+from drrl.rl.reward import fisher_fidelity, segment_kl
 from tests.rl.toy import fraction, model_kl, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,3 +95,37 @@ def test_the_kl_reward_puts_rank_where_the_model_needs_it_and_the_cosine_reward_
     assert all(a > b for a, b in zip(*by_cos, strict=True))
     assert fraction(by_kl) <= 0.625 + 0.02 and fraction(by_cos) <= 0.625 + 0.02
     assert model_kl(by_kl, kw["kl_c"]).mean() < model_kl(by_cos, kw["kl_c"]).mean()
+
+
+def test_the_fisher_reward_learns_the_kl_answer_from_per_layer_terms():
+    """The same toy with the fisher reward: each decision is rewarded by its own layer's term of the model's KL, so
+    the policy gives layer 1 the rank, as the KL-trained one does, and within the budget."""
+    kw = {"cos_c": (1.0, 0.02), "kl_c": (0.0, 1.0), "seed": 2, "entropy_coef": 0.05, "lagrange_lr": 0.5}
+    _, by_fisher, _ = train(0.375, fidelity="fisher", **kw)
+    assert all(a < b for a, b in zip(*by_fisher, strict=True))
+    assert fraction(by_fisher) <= 0.625 + 0.02
+
+
+def _fisher_controller(n_layers):
+    ctrl = RLController.for_layers([type("L", (), {"buckets": torch.tensor([4, 8])})()] * n_layers, seed=0)
+    PolicyTrainer(ctrl, RLConfig(alpha=2.0, beta=0.0, gamma=0.0, fidelity="fisher"), seed=0)
+    return ctrl.train()
+
+
+def test_the_fisher_fidelity_is_minus_n_layers_times_each_decisions_error():
+    from drrl.controllers import SegmentStats
+
+    ctrl = _fisher_controller(3)
+    stats = SegmentStats(0, torch.tensor([4, 8]), torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2, 2, dtype=bool),
+                         torch.ones(2, dtype=bool), 0, 0, torch.zeros(2, 3))  # fmt: skip
+    ctrl(stats)
+    errors = [torch.tensor(0.01), torch.tensor(0.25)]
+    fb = Feedback(0, [torch.tensor(0.9)] * 2, [0.5, 0.5], [torch.tensor(0.0)] * 2, [0.5, 1.0], [10, 26], errors)
+    ctrl.observe(fb)
+    rewards = ctrl._rows[0]["rewards"]
+    assert rewards == pytest.approx([2.0 * -3 * 0.01, 2.0 * -3 * 0.25])  # α · (−n_layers · error), β = γ = 0
+    assert fisher_fidelity(torch.tensor(0.5), 4).item() == -2.0
+    assert ctrl.needs_teacher and not ctrl.needs_bound  # the teacher branch measures the error; γ = 0: no bound
+    ctrl(stats)  # a second layer-0 pass: a new forward pass
+    with pytest.raises(RuntimeError, match="output_fisher"):  # no Fisher on the layer: no error to reward
+        ctrl.observe(Feedback(0, [torch.tensor(0.9)] * 2, [0.5, 0.5], [torch.tensor(0.0)] * 2, [0.5, 1.0], [10, 26]))

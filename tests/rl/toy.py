@@ -3,7 +3,9 @@
 Two stand-in attention layers decide the rank of N_SEG segments each. Layer l's *local* fidelity (what the
 cosine reward sees) is 1 − cos_c[l]·(1 − r/d)²; the *model's* KL on a segment (what the KL reward sees) is
 Σ_l kl_c[l]·(1 − r_l/d)² over the layers' ranks for that segment. The two can disagree, as a layer's attention
-output can change a lot and the model's prediction not at all."""
+output can change a lot and the model's prediction not at all. Each layer's feedback also carries its own term of
+that KL, kl_c[l]·(1 − r/d)², as the ``error`` a layer with an output Fisher reports (what the fisher reward sees:
+exact here, a second-order estimate in a real model)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ D, T, N_SEG = 16, 8, 4
 class Layer:
     """A stand-in for an attention layer: asks the controller for ranks and reports its feedback."""
 
-    def __init__(self, idx, ctrl, cos_c: float):
-        self.idx, self.ctrl, self.cos_c = idx, ctrl, cos_c
+    def __init__(self, idx, ctrl, cos_c: float, kl_c: float = 0.0):
+        self.idx, self.ctrl, self.cos_c, self.kl_c = idx, ctrl, cos_c, kl_c
 
     def forward(self, row):
         nb = len(BUCKETS)
@@ -35,7 +37,8 @@ class Layer:
             if not self.ctrl.needs_teacher:  # as the attention does: no teacher branch, no local fidelity
                 fid = [torch.tensor(float("nan"))] * N_SEG
             fb = Feedback(row, fid, [0.0] * N_SEG, [torch.tensor(0.0)] * N_SEG, [r / D for r in ranks],
-                          [causal_pairs(s * T, T) for s in range(N_SEG)])  # fmt: skip
+                          [causal_pairs(s * T, T) for s in range(N_SEG)],
+                          [torch.tensor(self.kl_c * (1 - r / D) ** 2) for r in ranks])  # fmt: skip
             self.ctrl.observe(fb)
         return ranks
 
@@ -63,7 +66,7 @@ def train(budget, *, steps=80, rows=2, beta=0.05, cos_c=(1.0, 0.02), kl_c=(0.0, 
     cfg = RLConfig(lr=1e-3, beta=beta, gamma=0.0, budget=budget, eps_start=0.3, eps_end=0.0, eps_decay_steps=steps,
                    discount=0.0, gae_lambda=0.0, fidelity=fidelity, **rl)  # fmt: skip
     trainer = PolicyTrainer(ctrl, cfg, seed=seed)
-    layers = [Layer(i, ctrl, c) for i, c in enumerate(cos_c)]
+    layers = [Layer(i, ctrl, c, k) for i, (c, k) in enumerate(zip(cos_c, kl_c, strict=True))]
     history = []
     for _ in range(steps):
         ctrl.train()

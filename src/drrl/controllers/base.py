@@ -67,7 +67,10 @@ class Feedback:
     segment's attention cost at the executed rank over its cost at full rank, and the guardrail bound at the
     executed rank divided by its trivial maximum √(2·rows), clipped to 1 (0-d tensors). All in [0, 1].
     ``rank_fraction`` (r / d_head) and ``pairs`` (the segment's unmasked query-key pairs) give the segment's
-    share of the score FLOPs, Σ pairs·rank_fraction / Σ pairs, which a budget is stated on."""
+    share of the score FLOPs, Σ pairs·rank_fraction / Σ pairs, which a budget is stated on. ``error`` (0-d
+    tensors; empty unless the layer has an ``output_fisher``) is the second-order estimate of the KL divergence
+    per token of the model's next-token distribution that the decision's output error costs: ½ Σ F·(o − o_full)²
+    over the segment's positions, averaged, with F the diagonal Fisher of :mod:`drrl.attention.drrl.sensitivity`."""
 
     row: int
     fidelity: list[torch.Tensor]
@@ -75,6 +78,7 @@ class Feedback:
     bound: list[torch.Tensor]
     rank_fraction: list[float] = field(default_factory=list)
     pairs: list[int] = field(default_factory=list)
+    error: list[torch.Tensor] = field(default_factory=list)
 
 
 def segment_fidelity(y: torch.Tensor, teacher: torch.Tensor, segment: int) -> torch.Tensor:

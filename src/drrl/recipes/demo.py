@@ -12,7 +12,9 @@ corpus of the data layer), at a context of 1024 tokens:
 4. ``static`` (fixed rank, matched to DR-RL's mean rank, and neighbours for the curve), ``random`` and
    ``energy`` (threshold rule at a few τ).
 5. With budgets, every method at each cut: ``drrl@B`` (trained with a Lagrange multiplier, then a cost shift tuned
-   to meet the budget), ``drrl-frozen@B``, ``alloc@B`` (a rank per layer searched against the loss) and ``static@B``.
+   to meet the budget), ``drrl-frozen@B``, ``alloc@B`` (a rank per layer searched against the loss),
+   ``alloc-cells@B`` (a rank per layer and segment from the output Fisher's KL estimates), ``static@B``,
+   ``energy@B`` and ``random@B``. The default reward is ``fisher``: each decision's own KL estimate.
    Measuring and fitting one method lives in :mod:`.demo_methods`.
 6. Time (:mod:`.demo_timing`): each method's attention layers on one window's captured queries, keys and values against SDPA,
    interleaved, median of repeats; one decode step of every layer against a full-width cache.
@@ -35,7 +37,7 @@ from drrl.controllers import TableController, attach_controller, build_controlle
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError, DataError
-from drrl.eval.allocation import layer_sensitivity, static_allocation
+from drrl.eval.allocation import cell_allocation, layer_sensitivity, static_allocation
 from drrl.eval.bootstrap import ppl_ratio_ci
 from drrl.eval.machine import machine
 from drrl.integrations.hf import _geometry, apply_dynamic_rank, cache_bytes_per_token
@@ -43,6 +45,8 @@ from drrl.integrations.hub import EMBEDDED_MODEL, load_causal_lm
 from drrl.progress import progress
 from drrl.recipes.demo_methods import (
     MethodResult,
+    fit_cell_errors,
+    fit_output_fisher,
     meet_budget,
     nearest_buckets,
     perplexity,
@@ -61,7 +65,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Settings of ``drrl demo`` (defaults: about 8 minutes on 2 CPU cores)."""
+    """Settings of ``drrl demo`` (defaults: about 9 minutes on 2 CPU cores)."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M
     trust_remote_code: bool = False  # let a hub model run its own Python code (only for models you trust)
@@ -80,7 +84,7 @@ class DemoConfig:
     # energy rule at the τ that meets it and random ranks with its mean, all at that cut
     budgets: tuple[float, ...] = (0.4,)
     lagrange_init: float = 0.5  # the budget policies' initial multiplier of the cost
-    sensitivity_windows: int = 1  # calibration windows the per-layer loss search runs on (alloc@B)
+    sensitivity_windows: int = 1  # calibration windows the per-layer loss search (alloc@B) and the Fisher run on
     tune_windows: int = 1  # policy-training windows the cost shift and the energy rule's τ are tuned on
     # a β sweep (off by default): one policy per fixed cost weight β, the first named "drrl" (with its frozen table,
     # the static rank nearest its mean rank and random ranks); 0.05, the paper's β, kept full rank in earlier runs
@@ -92,11 +96,10 @@ class DemoConfig:
     timing_repeats: int = 3
     seed: int = 0
     device: str = "cpu"
-    # the policies' reward fidelity: "cosine" (each layer's attention output against a full-rank branch) or "kl"
-    # (the model's next-token distribution against the full-rank model's, per segment: one reward shared by every
-    # layer's decision, which 12 updates cannot apportion among 30 layers; see BENCHMARKS); the first names drrl@B
-    # and drrl, the others add "-<fidelity>" (the budgets and the first β), so the rewards compare in one table
-    fidelities: tuple[str, ...] = ("cosine",)
+    # the reward fidelities (drrl.rl.reward): "fisher" (each decision's KL estimate from the output Fisher), "cosine"
+    # or "kl" (one model-level KL per segment, shared by the layers); the first names drrl@B and drrl, the others
+    # add "-<fidelity>" (the budgets and the first β), so the rewards compare in one table (BENCHMARKS.md)
+    fidelities: tuple[str, ...] = ("fisher",)
 
     def __post_init__(self):
         for name in ("context", "segment", "bucket", "eval_windows", "calib_windows", "timing_repeats"):
@@ -162,6 +165,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
     if n_cal < len(layers):
         log.warning("%d of %d layers failed to calibrate and run at full rank", len(layers) - n_cal, len(layers))
     buckets = layers[0].buckets.tolist()
+    fisher_info = None
+    if "fisher" in cfg.fidelities or cfg.budgets:  # each layer's output Fisher: the fisher reward and alloc-cells@B
+        fisher_info = fit_output_fisher(model, layers, calib_w[: cfg.sensitivity_windows], cfg.seed, quiet)
 
     setups, matched = _evaluate_methods(model, layers, results, eval_w, policy_w, cfg, quiet)
     budget_info = _budget_methods(model, layers, results, setups, eval_w, policy_w, calib_w, cfg, quiet)
@@ -177,6 +183,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, quiet: bool = False) -> dict:
         "matched_static_rank": matched,
         "policy_overhead": {"method": first_policy(results), **_policy_overhead(results[first_policy(results)])},
         "budgets": budget_info,
+        "output_fisher": fisher_info,  # the Fisher reward's one-off cost: forward-backward passes and seconds
         # DR-RL's perplexity over each same-budget method's (and its frozen table's), bootstrap 95% over windows
         "comparisons": comparisons(results, cfg),
         "seconds": time.perf_counter() - t_start,
@@ -284,12 +291,14 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
     bar.close()
     info = {"sensitivity": {"ranks": sens.ranks, "loss": sens.loss, "base": sens.base, "forwards": sens.forwards,
                             "seconds": time.perf_counter() - t0}}  # fmt: skip
+    cells, info["cell_errors"] = fit_cell_errors(model, layers, sens_w, quiet)  # for a static table per cell
     tune_w = policy_w[: cfg.tune_windows]
     for b in cfg.budgets:
         tag = f"@{100 * b:g}%"
         uniform = max([r for r in buckets if r <= (1 - b) * r_max + 1e-9] or buckets[:1])  # the budget's bucket
         alloc = static_allocation(sens, b)
-        tables = {"alloc" + tag: alloc, "static" + tag: [[uniform]] * len(layers)}
+        tables = {"alloc" + tag: alloc, "alloc-cells" + tag: cell_allocation(cells, b),
+                  "static" + tag: [[uniform]] * len(layers)}  # fmt: skip
         info[tag] = {"budget": b, "allocation": [row[0] for row in alloc], "uniform_rank": uniform, "policies": {}}
         for f_i, fid in enumerate(cfg.fidelities):
             name = "drrl" + ("" if f_i == 0 else f"-{fid}") + tag
@@ -367,10 +376,11 @@ def _rows(results: dict[str, MethodResult], timing: dict, model, cfg: DemoConfig
     rows = []
     for name, r in results.items():
         red = r.reductions
-        # the decode cache keeps keys at width r_max (a dynamic method may need any bucket later); a static rank
-        # only needs its own width
-        static = name.startswith(("static", "alloc"))  # one rank per layer: keys cached at that width
-        cache_rank = None if name == "full" else (int(round(r.mean_rank)) if static else d)
+        # the decode cache keeps keys at width r_max (a dynamic method may need any bucket later); a static table
+        # only needs each layer's widest rank
+        static = name.startswith(("static", "alloc")) and r.rank_grid is not None
+        cache_rank = None if name == "full" else ({i: round(max(row)) for i, row in enumerate(r.rank_grid)}
+                                                  if static else d)  # fmt: skip
         t = timing.get(name, {"attn_time_ratio": 1.0, "decode_time_ratio": 1.0})
         rows.append(
             {

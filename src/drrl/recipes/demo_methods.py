@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from drrl import flops
 from drrl.controllers import TableController, attach_controller, build_controller
+from drrl.eval.allocation import fisher_errors, output_fisher
 from drrl.eval.perplexity import evaluate_lm
 from drrl.progress import progress
 from drrl.rl import PolicyTrainer, RLConfig, RLController
@@ -127,8 +128,8 @@ def train_policy(
     ctrl = attach_controller(layers, "rl", seed=cfg.seed)
     rl = RLConfig(
         lr=cfg.policy_lr, discount=cfg.discount, gae_lambda=0.95 if cfg.discount else 0.0, alpha=cfg.alpha, beta=beta,
-        gamma=cfg.gamma, eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1), budget=budget,
-        fidelity=fidelity,
+        gamma=0.0 if fidelity == "fisher" else cfg.gamma,  # the bound is a proxy of the error Fisher measures
+        eps_start=0.2, eps_end=0.0, eps_decay_steps=max(cfg.policy_steps, 1), budget=budget, fidelity=fidelity,
     )  # fmt: skip
     full_rank = TableController([[layers[0].buckets[-1].item()]] * len(layers))
     trainer = PolicyTrainer(ctrl, rl, seed=cfg.seed)
@@ -161,6 +162,30 @@ def train_policy(
         log.debug("policy %s step %d: %s", what, step, stats)
     ctrl.eval()
     return ctrl, time.perf_counter() - t0, history
+
+
+def fit_output_fisher(model, layers, windows, seed: int, quiet: bool = False) -> dict:
+    """Each drrl layer's output Fisher from ``windows`` (:func:`drrl.eval.allocation.output_fisher`), with a
+    progress bar; returns the passes and seconds it took (a one-off cost of the fisher reward and alloc-cells@B)."""
+    t0 = time.perf_counter()
+    bar = progress(total=len(windows), desc="output fisher", unit="win", disable=quiet, leave=False)
+    device = next(model.parameters()).device
+    passes = output_fisher(model, layers, windows, seed=seed, device=device, on_step=lambda: bar.update(1))
+    bar.close()
+    return {"windows": passes, "seconds": time.perf_counter() - t0}
+
+
+def fit_cell_errors(model, layers, windows, quiet: bool = False):
+    """Each (layer, segment) cell's Fisher KL estimate at every bucket (:func:`drrl.eval.allocation.fisher_errors`),
+    with a progress bar; returns them and what they cost, with the model's summed estimate per uniform rank."""
+    t0, buckets = time.perf_counter(), layers[0].buckets.tolist()
+    bar = progress(total=len(windows) * (len(buckets) - 1), desc="cell errors", unit="fwd", disable=quiet,
+                   leave=False)  # fmt: skip
+    cells = fisher_errors(model, layers, windows, buckets, on_step=lambda: bar.update(1))
+    bar.close()
+    n_seg = len(cells.pairs)
+    kl = {r: sum(row[s][j] for row in cells.error for s in range(n_seg)) / n_seg for j, r in enumerate(cells.ranks)}
+    return cells, {"forwards": cells.forwards, "seconds": time.perf_counter() - t0, "kl_at_rank": kl}
 
 
 def executed_fraction(model, layers, windows) -> float:

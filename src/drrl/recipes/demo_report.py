@@ -32,7 +32,8 @@ def render_report(rep: dict) -> str:
 Corpus `{c["corpus"]}` (test split), {c["eval_windows"]} evenly spread windows of {c["context"]} tokens; calibration
 on {c["calib_windows"]} training windows; rank decisions every {c["segment"]} tokens per layer, buckets {rep["buckets"]}.
 DR-RL policies: {c["policy_steps"]} PPO updates each (language model frozen) on training windows disjoint from the
-calibration's, reward fidelity {", ".join(c["fidelities"])}, α={c["alpha"]}, γ={c["gamma"]}. {_sweep(rep)}
+calibration's, reward fidelity {", ".join(c["fidelities"])}, α={c["alpha"]}, γ={c["gamma"]} (0 for fisher: the
+bound is a proxy of the error the Fisher term measures). {_sweep(rep)}
 Machine: {rep["machine"]}; the whole job took {rep["seconds"]:.0f} s.
 
 {render_table(rep["rows"])}
@@ -87,8 +88,14 @@ def _budgets(rep: dict) -> str:
         "`drrl-frozen@B` its mean ranks as a table; `energy@B` the energy rule at the largest τ that meets the "
         "budget on those windows; `random@B` random ranks whose expectation is the budget's rank."
     ]
+    if cells := info.get("cell_errors"):
+        lines[0] += (
+            " `alloc-cells@B` is a rank per (layer, segment) cell, the least summed KL under the budget, with each "
+            "cell's KL at every bucket estimated from the layers' output Fisher (the fisher reward's signal) in "
+            f"{cells['forwards']} forward passes ({cells['seconds']:.0f} s)."
+        )
     for tag, b in info.items():
-        if tag == "sensitivity":
+        if tag in ("sensitivity", "cell_errors"):
             continue
         lines.append(f"- {tag}: allocation {b['allocation']}, uniform {b['uniform_rank']}, energy τ = "
                      f"{b['energy_tau']:.6g} (executed fraction {b['energy_tuned_fraction']:.3f} on the tuning "
@@ -139,8 +146,13 @@ def plots(rep: dict, out: Path) -> None:
 
     rows = {r["method"]: r for r in rep["rows"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    groups = [("static", "s-", "static rank"), ("energy", "^-", "energy rule"), ("drrl", "o-", "DR-RL"),
-              ("alloc", "d-", "static per-layer allocation")]  # fmt: skip
+    groups = [
+        ("static", "s-", "static rank"),
+        ("energy", "^-", "energy rule"),
+        ("drrl", "o-", "DR-RL"),
+        ("alloc@", "d-", "static per-layer allocation"),
+        ("alloc-cells", "v-", "static per-cell allocation"),
+    ]
     for ax, key, what in zip(axes, ("score_flops_reduction", "attn_flops_reduction"),
                              ("score (Q·Kᵀ) FLOPs", "attention FLOPs, every overhead counted"), strict=True):  # fmt: skip
         for prefix, style, label in groups:

@@ -30,7 +30,9 @@ class RLConfig:
     # multiplier λ of the cost, moved after every update by λ ← λ·exp(lagrange_lr·(executed − (1 − budget)))
     budget: float | None = None
     lagrange_lr: float = 1.0
-    fidelity: str = "cosine"  # the reward's fidelity: "cosine" (each layer's output) or "kl" (the model's output)
+    # the reward's fidelity: "cosine" (each layer's output), "fisher" (the KL each layer's output error costs, to
+    # second order) or "kl" (the model's output)
+    fidelity: str = "cosine"
 
     def __post_init__(self):
         for name in ("lr", "clip", "epochs", "eps_decay_steps"):

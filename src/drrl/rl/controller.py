@@ -9,7 +9,7 @@ import torch
 from drrl.controllers import Feedback, RankController, SegmentStats, register_controller
 from drrl.rl.policy import EpsilonSchedule, RankPolicy, sample
 from drrl.rl.ppo import Episode
-from drrl.rl.reward import RewardConfig, budget_reward, reward
+from drrl.rl.reward import RewardConfig, budget_reward, fisher_fidelity, reward
 
 
 @register_controller("rl")
@@ -32,8 +32,8 @@ class RLController(RankController):
 
     @property
     def needs_bound(self) -> bool:
-        """The bound is a reward term, not a feature: computed only on steps that train the policy."""
-        return self.wants_feedback
+        """The bound is a reward term, not a feature: computed only on steps that train the policy, with γ > 0."""
+        return self.wants_feedback and self.reward_cfg.gamma > 0
 
     @classmethod
     def n_features(cls, n_buckets: int) -> int:
@@ -64,9 +64,9 @@ class RLController(RankController):
 
     @property
     def needs_teacher(self) -> bool:
-        """The per-layer teacher branch feeds the cosine fidelity only; a KL reward comes from the model's output
-        (:meth:`observe_segments`)."""
-        return self.reward_cfg.fidelity == "cosine"
+        """The per-layer teacher branch feeds the cosine and Fisher fidelities; a KL reward comes from the model's
+        output (:meth:`observe_segments`)."""
+        return self.reward_cfg.fidelity in ("cosine", "fisher")
 
     @property
     def wants_feedback(self) -> bool:
@@ -155,7 +155,14 @@ class RLController(RankController):
         order they were decided."""
         cfg = self.reward_cfg
         fidelity = feedback.fidelity
-        if not self.needs_teacher:  # measured on the model's output later (observe_segments): 0 until then
+        if cfg.fidelity == "fisher":
+            if len(feedback.error) != len(fidelity):
+                raise RuntimeError(
+                    "the 'fisher' reward needs each layer's output Fisher: run drrl.eval.allocation.output_fisher("
+                    "model, layers, windows) after calibration"
+                )
+            fidelity = [fisher_fidelity(e, self.policy.layer_emb.num_embeddings) for e in feedback.error]
+        elif not self.needs_teacher:  # measured on the model's output later (observe_segments): 0 until then
             fidelity = [torch.zeros(()) for _ in fidelity]
         if cfg.budget is None:
             rewards = [

@@ -119,8 +119,8 @@ class RunConfig:
         require(
             self.rl.fidelity == "cosine",
             "rl.fidelity",
-            "kl (the model's output against the full-rank model's) is offered by drrl demo, where the language model "
-            "is frozen; drrl train uses cosine for now",
+            "kl (the model's output against the full-rank model's) and fisher (each layer's output Fisher) are offered "
+            "by drrl demo, where the language model is frozen; drrl train uses cosine for now",
         )
         require(
             not (self.model.attention == "drrl" and self.model.attention_kwargs.get("basis") == "calibrated"),

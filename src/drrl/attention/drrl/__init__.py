@@ -15,7 +15,8 @@ Bases (``basis=``):
     refresh. Segment 0 uses the calibrated maps when there are some, else full rank.
 
 Package map: kernels (SDPA paths), basis (calibration, statistics, online refresh), plan (what a
-forward pass executes), guard (per-row error certificates), layer (the module), cache (decode cache and export).
+forward pass executes), guard (per-row error certificates), sensitivity (each layer's output Fisher, from which
+the feedback estimates the KL a decision costs), layer (the module), cache (decode cache and export).
 
 Causality: the basis and the rank used at positions of segment s depend only on tokens of the same
 sequence before segment s (or on calibration data): bases, statistics and ranks are planned per
@@ -37,6 +38,7 @@ from drrl.attention.drrl.cache import ExportedLowRankAttention, LowRankKVCache
 from drrl.attention.drrl.kernels import attend_offset, kernel_path, sdpa_lowrank
 from drrl.attention.drrl.layer import BASIS_MODES, DynamicLowRankAttention
 from drrl.attention.drrl.plan import Plan, naive_lowrank_attention
+from drrl.attention.drrl.sensitivity import measuring_output_fisher
 
 __all__ = [
     "BASIS_MODES",
@@ -48,6 +50,7 @@ __all__ = [
     "calibrating",
     "kernel_path",
     "lowrank_modules",
+    "measuring_output_fisher",
     "naive_lowrank_attention",
     "sdpa_lowrank",
 ]

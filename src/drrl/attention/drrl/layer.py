@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from drrl.attention.drrl.cache import ExportedLowRankAttention, LowRankKVCache
 from drrl.attention.drrl.guard import certify_run
 from drrl.attention.drrl.kernels import sdpa_lowrank
 from drrl.attention.drrl.plan import Plan, PlanMixin
+from drrl.attention.drrl.sensitivity import add_squared_grad, segment_error
 from drrl.controllers import Feedback, PendingController, RankController, controller_class
 from drrl.controllers.base import cost_ratio, segment_fidelity
 from drrl.linalg import gram
@@ -126,6 +128,10 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("z", eye.clone())  # running online basis, the warm start of the next call
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training forwards (random streams)
+        # (H, d) diagonal Fisher of the model's next-token distribution with respect to this layer's attention output
+        # (drrl.attention.drrl.sensitivity): when set, the feedback estimates each decision's KL cost from it
+        self.register_buffer("output_fisher", None, persistent=False)
+        self._fisher_acc: list | None = None  # [Σ g², tokens] while measuring_output_fisher() runs
         self._calibrating = False
         self._static_stats: dict = {}  # bidirectional: statistics of the calibration Grams (_calibration_stats)
         self.last_plan: Plan | None = None
@@ -225,6 +231,8 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             if self.training and last is not None:  # the next call starts where this batch's last row ended
                 self.z.copy_(last.to(self.z.device, self.z.dtype))
         self.last_plans, self.last_plan = plans, plans[0]
+        if self._fisher_acc is not None and out.requires_grad:
+            out.register_hook(partial(add_squared_grad, self._fisher_acc))
         self._totals["calls"] += 1
         if self.training:
             self.steps += 1
@@ -293,6 +301,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         hand the controller its :class:`~drrl.controllers.Feedback`: fidelity, cost ratio and bound."""
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
+        err = None
         if getattr(self.controller, "needs_teacher", True):
             teacher = F.scaled_dot_product_attention(
                 q, self._expand(k), self._expand(v), is_causal=self.causal, scale=scale
@@ -301,6 +310,10 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             plan.flops["teacher"] += teacher_flops
             self._totals["flops:teacher"] += teacher_flops
             fidelity = segment_fidelity(y, teacher, T)
+            if self.output_fisher is not None:  # the estimated KL this layer's error costs, per segment
+                err = segment_error(y, teacher, self.output_fisher, T)
+                plan.flops["teacher"] += 4 * y.numel()  # difference, square, weight, sum: counted with the teacher
+                self._totals["flops:teacher"] += 4 * y.numel()
         else:  # the controller measures fidelity elsewhere (the model's output distribution)
             fidelity = torch.full((len(plan.ranks),), float("nan"))
         buckets = self.buckets.tolist()
@@ -314,6 +327,8 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             # the bound is measured on one sequence's statistics (a GQA bound covers the group's stacked rows)
             rows = self.group * max(s * T, min(T, L))
             fb.fidelity.append(fidelity[s])
+            if err is not None:
+                fb.error.append(err[s].cpu())
             fb.cost.append(cost_ratio(r, d, s * T, min(T, L - s * T), self.causal))
             fb.rank_fraction.append(r / d)
             fb.pairs.append(flops.causal_pairs(s * T, min(T, L - s * T), self.causal, L))

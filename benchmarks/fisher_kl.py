@@ -1,0 +1,129 @@
+"""How well the output Fisher predicts what a rank costs: the estimated KL (½ Σ F·Δo² per token, summed over layers,
+drrl.attention.drrl.sensitivity) against the exact KL of the model's next-token distributions, and against the
+change of the next-token loss, on held-out windows.
+
+    python benchmarks/fisher_kl.py [--model DIR] [--context 1024] [--ranks 32,48] [--layers 0,5,10,15,20,25,29]
+                                   [--json OUT]
+
+Rows: every layer at each of ``--ranks`` (uniform), and each of ``--layers`` alone at the lowest of them (the others
+at r_max). Calibration and the Fisher come from training windows (first half of the training split), the KL from
+evenly spread test windows. The Spearman correlation is over the single-layer rows (the ranking a per-layer
+allocation relies on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from drrl.attention.drrl import calibrating
+from drrl.controllers import TableController, attach_controller
+from drrl.data.tokenizer import get_tokenizer
+from drrl.data.tokens import load_tokens, spread_windows
+from drrl.eval.allocation import ErrorProbe, output_fisher
+from drrl.eval.machine import machine
+from drrl.integrations.hf import apply_dynamic_rank
+from drrl.integrations.hub import load_causal_lm
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = (torch.tensor(x).argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="Hugging Face folder or name (default: embedded SmolLM2-135M)")
+    ap.add_argument("--corpus", default="shakespeare")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--segment", type=int, default=128)
+    ap.add_argument("--bucket", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=2)
+    ap.add_argument("--fisher-windows", type=int, default=1)
+    ap.add_argument("--eval-windows", type=int, default=2)
+    ap.add_argument("--ranks", type=_ints, default=[32, 48], help="uniform ranks (the lowest is the per-layer probe)")
+    ap.add_argument("--layers", type=_ints, default=[0, 5, 10, 15, 20, 25, 29], help="layers probed alone")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, path = load_causal_lm(args.model)
+    model.eval()
+    tok = get_tokenizer("hf:" + path)
+    train, test = load_tokens(args.corpus, "train", tok), load_tokens(args.corpus, "test", tok)
+    n = args.context + 1
+    first = train[: len(train) // 2]
+    cal = spread_windows(first, args.calib_windows + args.fisher_windows, n)
+    ev = spread_windows(test, args.eval_windows, n)
+    layers = apply_dynamic_rank(model, controller="energy", segment=args.segment, bucket=args.bucket)
+    with calibrating(model):
+        for w in cal[: args.calib_windows]:
+            model(input_ids=w[None, :-1], use_cache=False)
+    output_fisher(model, layers, cal[args.calib_windows :])
+    n_layers, top = len(layers), layers[0].buckets[-1].item()
+    layers_probed = [i for i in args.layers if 0 <= i < n_layers]
+
+    def measure(table) -> dict:
+        """Exact KL, estimated KL and the loss change per token, averaged over the evaluation windows."""
+        exact = dnll = 0.0
+        probe = ErrorProbe(table)  # the estimate, from the same forward passes as the exact KL
+        for w in ev:
+            ids, target = w[None, :-1], w[1:]
+            attach_controller(layers, TableController([[top]] * n_layers))
+            with torch.no_grad():
+                t = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float()[0], -1)
+                attach_controller(layers, probe)
+                s = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float()[0], -1)
+            exact += float((t.exp() * (t - s)).sum(-1).mean())
+            dnll += float(F.nll_loss(s, target) - F.nll_loss(t, target))
+        k = len(ev)
+        return {"exact_kl": exact / k, "estimated_kl": probe.estimate(), "dnll": dnll / k}
+
+    rows = []
+    for r in args.ranks:
+        rows.append({"config": f"every layer at {r}", "layer": None, "rank": r, **measure([[r]] * n_layers)})
+    low = min(args.ranks)
+    for i in layers_probed:
+        table = [[top]] * n_layers
+        table[i] = [low]
+        rows.append({"config": f"layer {i} alone at {low}", "layer": i, "rank": low, **measure(table)})
+    single = [r for r in rows if r["layer"] is not None]
+    out = {
+        "model": path,
+        "machine": machine(torch.device("cpu")),
+        "context": args.context,
+        "rows": rows,
+        "spearman_estimated_vs_exact": _spearman([r["estimated_kl"] for r in single], [r["exact_kl"] for r in single])
+        if len(single) > 1
+        else None,
+        "spearman_dnll_vs_exact": _spearman([r["dnll"] for r in single], [r["exact_kl"] for r in single])
+        if len(single) > 1
+        else None,
+        "seconds": time.perf_counter() - t0,
+    }
+    print("| probe | exact KL | estimated KL | estimate / exact | Δ loss |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["estimated_kl"] / r["exact_kl"] if r["exact_kl"] > 0 else float("nan")
+        print(f"| {r['config']} | {r['exact_kl']:.5f} | {r['estimated_kl']:.5f} | {ratio:.2f} | {r['dnll']:+.5f} |")
+    print(
+        f"Spearman over single layers: estimate {out['spearman_estimated_vs_exact']}, "
+        f"loss change {out['spearman_dnll_vs_exact']}; {out['seconds']:.0f} s"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
