@@ -82,3 +82,18 @@ def test_fisher_kl_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir,
     assert rows[0]["estimated_kl"] > max(rows[2]["estimated_kl"], rows[3]["estimated_kl"])
     assert -1 <= data["spearman_estimated_vs_exact"] <= 1
     assert "| layer 1 alone at 4 |" in capsys.readouterr().out
+
+
+def test_adaptivity_headroom_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("adaptivity_headroom")
+    out = tmp_path / "h.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--context", "48", "--segment", "16",
+                       "--bucket", "4", "--calib-windows", "1", "--windows", "2", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "static (calibration)", "static (test average)", "oracle per window"}
+    assert rows["full"]["ppl_ratio"] == 1 and rows["full"]["score_fraction"] == 1
+    for name in ("static (calibration)", "static (test average)", "oracle per window"):
+        assert rows[name]["score_fraction"] <= 0.6 + 1e-9 and rows[name]["ppl"] > 1  # every table at the budget
+    assert rows["full"]["estimated_kl"] == 0 and all(r["estimated_kl"] > 0 for n, r in rows.items() if n != "full")
+    assert "| oracle per window |" in capsys.readouterr().out
