@@ -22,14 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller
-from drrl.data.tokenizer import get_tokenizer
-from drrl.data.tokens import load_tokens, spread_windows
 from drrl.eval.allocation import CellErrors, cell_allocation, fisher_errors, output_fisher
 from drrl.eval.machine import machine
-from drrl.integrations.hf import apply_dynamic_rank
-from drrl.integrations.hub import load_causal_lm
+from drrl.recipes.demo_methods import calibrated_llm
 
 
 def _mean(errs: list[CellErrors]) -> CellErrors:
@@ -56,17 +52,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, path = load_causal_lm(args.model)
-    model.eval()
-    tok = get_tokenizer("hf:" + path)
-    train, test = load_tokens(args.corpus, "train", tok), load_tokens(args.corpus, "test", tok)
-    n = args.context + 1
-    cal = spread_windows(train[: len(train) // 2], args.calib_windows, n)
-    ev = spread_windows(test, args.windows, n)
-    layers = apply_dynamic_rank(model, controller="energy", segment=args.segment, bucket=args.bucket)
-    with calibrating(model):
-        for w in cal:
-            model(input_ids=w[None, :-1], use_cache=False)
+    llm = calibrated_llm(args.model, corpus=args.corpus, context=args.context, calib_windows=args.calib_windows,
+                         test_windows=args.windows, segment=args.segment, bucket=args.bucket)  # fmt: skip
+    model, path, layers, cal, ev = llm.model, llm.path, llm.layers, llm.calib, llm.test
     output_fisher(model, layers, cal[:1])
     buckets = layers[0].buckets.tolist()
     per_window = [fisher_errors(model, layers, [w], buckets) for w in ev]

@@ -20,14 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller
-from drrl.data.tokenizer import get_tokenizer
-from drrl.data.tokens import load_tokens, spread_windows
 from drrl.eval.allocation import ErrorProbe, output_fisher
 from drrl.eval.machine import machine
-from drrl.integrations.hf import apply_dynamic_rank
-from drrl.integrations.hub import load_causal_lm
+from drrl.recipes.demo_methods import calibrated_llm
 
 
 def _ints(text: str) -> list[int]:
@@ -56,18 +52,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, path = load_causal_lm(args.model)
-    model.eval()
-    tok = get_tokenizer("hf:" + path)
-    train, test = load_tokens(args.corpus, "train", tok), load_tokens(args.corpus, "test", tok)
-    n = args.context + 1
-    first = train[: len(train) // 2]
-    cal = spread_windows(first, args.calib_windows + args.fisher_windows, n)
-    ev = spread_windows(test, args.eval_windows, n)
-    layers = apply_dynamic_rank(model, controller="energy", segment=args.segment, bucket=args.bucket)
-    with calibrating(model):
-        for w in cal[: args.calib_windows]:
-            model(input_ids=w[None, :-1], use_cache=False)
+    llm = calibrated_llm(args.model, corpus=args.corpus, context=args.context,
+                         calib_windows=args.calib_windows + args.fisher_windows, calibrate=args.calib_windows,
+                         test_windows=args.eval_windows, segment=args.segment, bucket=args.bucket)  # fmt: skip
+    model, path, layers, cal, ev = llm.model, llm.path, llm.layers, llm.calib, llm.test
     output_fisher(model, layers, cal[args.calib_windows :])
     n_layers, top = len(layers), layers[0].buckets[-1].item()
     layers_probed = [i for i in args.layers if 0 <= i < n_layers]

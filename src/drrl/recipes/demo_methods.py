@@ -15,9 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from drrl import flops
+from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller, build_controller
+from drrl.data.tokenizer import get_tokenizer
+from drrl.data.tokens import load_tokens, spread_windows
 from drrl.eval.allocation import fisher_errors, output_fisher
 from drrl.eval.perplexity import evaluate_lm
+from drrl.integrations.hf import apply_dynamic_rank
+from drrl.integrations.hub import load_causal_lm
 from drrl.progress import progress
 from drrl.rl import PolicyTrainer, RLConfig, RLController
 from drrl.rl.analysis import feature_use
@@ -162,6 +167,35 @@ def train_policy(
         log.debug("policy %s step %d: %s", what, step, stats)
     ctrl.eval()
     return ctrl, time.perf_counter() - t0, history
+
+
+@dataclass
+class CalibratedLLM:
+    """A causal LM with calibrated drrl layers, the demo's way (:func:`calibrated_llm`)."""
+
+    model: object
+    path: str
+    layers: list
+    calib: list  # windows spread over the first half of the training split (the first ``calibrate`` calibrated)
+    test: list  # windows evenly spread over the test split
+
+
+def calibrated_llm(model=None, *, corpus="shakespeare", context=1024, calib_windows=6, calibrate=None,
+                   test_windows=6, segment=128, bucket=8) -> CalibratedLLM:  # fmt: skip
+    """Load ``model`` (default: the embedded SmolLM2-135M) in eval mode with its tokenizer and ``corpus``, swap in
+    drrl attention (energy controller) and calibrate it on the first ``calibrate`` (default: all) of
+    ``calib_windows`` windows of ``context`` + 1 tokens spread over the first half of the training split."""
+    lm, path = load_causal_lm(model)
+    lm.eval()
+    tok = get_tokenizer("hf:" + path)
+    train, test = load_tokens(corpus, "train", tok), load_tokens(corpus, "test", tok)
+    cal = spread_windows(train[: len(train) // 2], calib_windows, context + 1)
+    ev = spread_windows(test, test_windows, context + 1)
+    layers = apply_dynamic_rank(lm, controller="energy", segment=segment, bucket=bucket)
+    with calibrating(lm):
+        for w in cal[: calib_windows if calibrate is None else calibrate]:
+            lm(input_ids=w[None, :-1], use_cache=False)
+    return CalibratedLLM(lm, path, layers, cal, ev)
 
 
 def fit_output_fisher(model, layers, windows, seed: int, quiet: bool = False) -> dict:
