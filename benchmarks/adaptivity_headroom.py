@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from drrl.controllers import TableController, attach_controller
 from drrl.eval.allocation import CellErrors, cell_allocation, fisher_errors, output_fisher
 from drrl.eval.machine import machine
-from drrl.recipes.demo_methods import calibrated_llm
+from drrl.recipes.demo_methods import add_llm_arguments, calibrated_llm
 
 
 def _mean(errs: list[CellErrors]) -> CellErrors:
@@ -40,12 +40,7 @@ def _mean(errs: list[CellErrors]) -> CellErrors:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="Hugging Face folder or name (default: embedded SmolLM2-135M)")
-    ap.add_argument("--corpus", default="shakespeare")
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--segment", type=int, default=128)
-    ap.add_argument("--bucket", type=int, default=8)
-    ap.add_argument("--calib-windows", type=int, default=6)
+    add_llm_arguments(ap, calib_windows=6)
     ap.add_argument("--windows", type=int, default=6, help="held-out test windows")
     ap.add_argument("--budget", type=float, default=0.4, help="score-FLOPs cut")
     ap.add_argument("--json", default=None, help="write the rows here")

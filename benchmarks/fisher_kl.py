@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from drrl.controllers import TableController, attach_controller
 from drrl.eval.allocation import ErrorProbe, output_fisher
 from drrl.eval.machine import machine
-from drrl.recipes.demo_methods import calibrated_llm
+from drrl.recipes.demo_methods import add_llm_arguments, calibrated_llm
 
 
 def _ints(text: str) -> list[int]:
@@ -38,12 +38,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="Hugging Face folder or name (default: embedded SmolLM2-135M)")
-    ap.add_argument("--corpus", default="shakespeare")
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--segment", type=int, default=128)
-    ap.add_argument("--bucket", type=int, default=8)
-    ap.add_argument("--calib-windows", type=int, default=2)
+    add_llm_arguments(ap, calib_windows=2)
     ap.add_argument("--fisher-windows", type=int, default=1)
     ap.add_argument("--eval-windows", type=int, default=2)
     ap.add_argument("--ranks", type=_ints, default=[32, 48], help="uniform ranks (the lowest is the per-layer probe)")

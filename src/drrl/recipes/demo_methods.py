@@ -180,6 +180,17 @@ class CalibratedLLM:
     test: list  # windows evenly spread over the test split
 
 
+def add_llm_arguments(ap, *, calib_windows: int) -> None:
+    """The options of :func:`calibrated_llm` on an ``argparse`` parser (the scripts in benchmarks/ that use it):
+    ``--model``, ``--corpus``, ``--context``, ``--segment``, ``--bucket`` and ``--calib-windows``."""
+    ap.add_argument("--model", default=None, help="Hugging Face folder or name (default: embedded SmolLM2-135M)")
+    ap.add_argument("--corpus", default="shakespeare")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--segment", type=int, default=128)
+    ap.add_argument("--bucket", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=calib_windows)
+
+
 def calibrated_llm(model=None, *, corpus="shakespeare", context=1024, calib_windows=6, calibrate=None,
                    test_windows=6, segment=128, bucket=8) -> CalibratedLLM:  # fmt: skip
     """Load ``model`` (default: the embedded SmolLM2-135M) in eval mode with its tokenizer and ``corpus``, swap in
