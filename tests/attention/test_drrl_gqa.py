@@ -278,3 +278,99 @@ def test_the_guard_certifies_every_row_with_grouped_query_attention():
         vn = torch.linalg.matrix_norm(vv[:, :, : i + 1], ord=2)
         assert bool(((y[:, :, i] - exact[:, :, i]).norm(dim=-1) <= 0.05 * vn + 1e-10).all()), i
     assert m.pop_stats()["guard_rows"] > 0
+
+
+# ----------------------------------------------------------------------------------- 8. a rank per KV head
+
+
+def per_head(basis, table):
+    from drrl.controllers import TableController
+
+    m = make(basis, "fixed", rank=DH)
+    if basis == "calibrated":
+        calibrate(m, cal_batches())
+    m.layer_idx = 0
+    m.set_controller(TableController([table]))
+    return m.eval()
+
+
+# segments: per-head, per-head, equal heads (one call), int (every head)
+PER_HEAD_TABLE = [[4, 12], [12, 4], [8, 8], 16, [4, 8]]
+
+
+@pytest.mark.parametrize("L", [40, 37], ids=["whole-segments", "ragged-last-segment"])
+@pytest.mark.parametrize("basis", ["calibrated", "online"])
+def test_per_head_ranks_match_the_naive_reference_and_count_each_group_at_its_rank(basis, L):
+    m = per_head(basis, PER_HEAD_TABLE)
+    q, k, v = (x.requires_grad_() for x in qkv(L=L, seed=5))
+    y = m.attend(q, k, v)
+    p = m.last_plans[0]
+    decided = p.stats.decide.tolist()
+    want = [tuple(e) if isinstance(e, list) else (e, e) for e in PER_HEAD_TABLE]
+    assert [h for h, dec in zip(p.head_ranks, decided, strict=True) if dec] == [
+        w for w, dec in zip(want, decided, strict=True) if dec
+    ]
+    assert p.ranks == [max(h) for h in p.head_ranks]
+    ref = naive(m, q, k, v)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=D64)
+    for a, b in zip(
+        torch.autograd.grad((y * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v)), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # the executed score FLOPs are the planned ones, each group of G query heads at its head's rank
+    from drrl import flops
+
+    stats = m.pop_stats(with_flops=True)
+    B = q.shape[0]
+    ref_scores = sum(
+        B * G * flops.attention_core(flops.causal_pairs(s * 8, min(8, L - s * 8), True, L), r, DH)["scores"]
+        for s, h in enumerate(p.head_ranks)
+        for r in h
+    )
+    assert stats["flops"]["scores"] == stats["planned_score_flops"] == ref_scores
+    mean = sum(sum(h) / HKV * min(8, L - s * 8) for s, h in enumerate(p.head_ranks)) / L
+    assert stats["mean_rank"] == pytest.approx(mean)
+
+
+def test_per_head_ranks_change_only_their_groups_outputs():
+    """Lowering KV head 1's rank moves query heads G..2G-1 only; equal per-head ranks equal the int entry."""
+    q, k, v = qkv(L=40, seed=5)
+    full = per_head("calibrated", [DH]).attend(q, k, v)
+    y = per_head("calibrated", [[DH, 4]]).attend(q, k, v)
+    torch.testing.assert_close(y[:, :G], full[:, :G], rtol=0, atol=1e-12)
+    assert not torch.allclose(y[:, G:], full[:, G:], atol=1e-6)
+    torch.testing.assert_close(
+        per_head("calibrated", [[8, 8]]).attend(q, k, v), per_head("calibrated", [8]).attend(q, k, v), rtol=0, atol=0
+    )
+
+
+def test_per_head_ranks_have_no_causal_leakage():
+    m = per_head("online", PER_HEAD_TABLE)
+    q, k, v = qkv(L=40, seed=7)
+    base = m.attend(q, k, v)
+    g = torch.Generator().manual_seed(3)
+    for t in (5, 16, 29):
+        q2, k2, v2 = (x.clone() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[:, :, t:] += torch.randn(x[:, :, t:].shape, generator=g, dtype=D64)
+        out = m.attend(q2, k2, v2)
+        torch.testing.assert_close(out[:, :, :t], base[:, :, :t], rtol=0, atol=1e-12, msg=f"leak at t={t}")
+        assert not torch.allclose(out[:, :, t], base[:, :, t])
+
+
+def test_per_head_ranks_are_clear_errors_with_the_guard_or_the_wrong_head_count():
+    from drrl.controllers import TableController
+
+    q, k, v = qkv(L=16)
+    m = per_head("online", [[4, 8]])
+    m.guard_eps = 0.05
+    with pytest.raises(ValueError, match="per-head ranks do not run with the guardrail"):
+        m.attend(q, k, v)
+    m = per_head("online", [[4, 8, 8]])
+    with pytest.raises(ValueError, match=r"one column per key/value head \(2\), got 3"):
+        m.attend(q, k, v)
+    with pytest.raises(ValueError, match="per-head entries of \\[2, 3\\] heads"):
+        TableController([[[4, 8], [4, 8, 8]]])
+    with pytest.raises(ValueError, match="one rank per key/value head, got \\[\\]"):
+        TableController([[[]]])

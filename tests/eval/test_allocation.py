@@ -120,6 +120,36 @@ def test_cell_allocation_meets_the_budget_and_no_table_as_cheap_has_less_error(e
             assert e >= err - 1e-9
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.lists(st.floats(0, 3), min_size=2, max_size=2), min_size=2, max_size=2), min_size=2,
+             max_size=2),
+    st.lists(st.integers(1, 9), min_size=2, max_size=2),
+    st.floats(0, 0.6),
+)  # fmt: skip
+def test_per_head_cell_allocation_meets_the_budget_and_no_table_as_cheap_has_less_error(heads, pairs, budget):
+    """The same for cells (segment, key/value head) of one layer, each head weighing half of its segment."""
+    ranks = [2, 4, 8]
+    head_error = [[[[*h, 0.0] for h in seg] for seg in heads]]  # [layer][segment][head][rank]
+    error = [[[sum(h[j] for h in seg) for j in range(3)] for seg in head_error[0]]]
+    errs = CellErrors(ranks, error, pairs, 1, head_error)
+    table = cell_allocation(errs, budget, per_head=True)
+
+    def cost_err(t):
+        cost = sum(p * r / 2 for p, e in zip(pairs, t[0], strict=True) for r in e)
+        err = sum(head_error[0][s][h][ranks.index(r)] for s, e in enumerate(t[0]) for h, r in enumerate(e))
+        return cost, err
+
+    cost, err = cost_err(table)
+    assert cost <= (1 - budget) * sum(pairs) * 8 + 1e-9
+    for combo in itertools.product(ranks, repeat=4):
+        c, e = cost_err([[list(combo[:2]), list(combo[2:])]])
+        if c <= cost:
+            assert e >= err - 1e-9
+    with pytest.raises(ValueError, match="per-head errors"):
+        cell_allocation(CellErrors(ranks, error, pairs, 1), budget, per_head=True)
+
+
 def test_fisher_errors_of_a_tiny_model_and_the_table_they_give():
     from drrl.integrations.hf import apply_dynamic_rank
     from tests.integrations.test_hf import tiny_llama
@@ -146,3 +176,16 @@ def test_fisher_errors_of_a_tiny_model_and_the_table_they_give():
         model(input_ids=ids[:1, :-1])
     fl = [m.pop_stats(with_flops=True)["flops"] for m in layers]
     assert sum(f["scores"] for f in fl) / sum(f["full_scores"] for f in fl) <= 0.6 + 1e-9  # it runs at its cut
+    # per key/value head: the split sums to the cell's error, and a per-head table runs at its cut too
+    assert len(errs.head_error) == 2 and all(len(c) == 2 for row in errs.head_error for c in row)  # 2 KV heads
+    for erow, hrow in zip(errs.error, errs.head_error, strict=True):
+        for cell, heads in zip(erow, hrow, strict=True):
+            assert cell == pytest.approx([sum(h[j] for h in heads) for j in range(3)], rel=1e-5)
+    table = cell_allocation(errs, 0.4, per_head=True)
+    assert all(len(e) == 2 for row in table for e in row)
+    attach_controller(layers, TableController(table))
+    with torch.no_grad():
+        model(input_ids=ids[:1, :-1])
+    fl = [m.pop_stats(with_flops=True)["flops"] for m in layers]
+    assert sum(f["scores"] for f in fl) / sum(f["full_scores"] for f in fl) <= 0.6 + 1e-9
+    assert any(len(set(h)) > 1 for m in layers for h in m.last_plan.head_ranks)  # the heads differ somewhere

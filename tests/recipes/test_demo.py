@@ -65,6 +65,7 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
     assert rep["budgets"]["@40%"]["uniform_rank"] == 8 and rows["static@40%"]["score_flops_reduction"] == 0.5
     assert rows["alloc@40%"]["score_flops_reduction"] >= 0.4 - 1e-9
     assert rows["alloc-cells@40%"]["score_flops_reduction"] >= 0.4 - 1e-9  # the Fisher table per (layer, segment)
+    assert rows["alloc-heads@40%"]["score_flops_reduction"] >= 0.4 - 1e-9  # ... and per key/value head
     assert rep["budgets"]["cell_errors"]["forwards"] == 3  # one window at each bucket below r_max (4, 8, 12)
     alloc = rep["budgets"]["@40%"]["allocation"]
     assert len(alloc) == 2 and sum(alloc) / (2 * 16) <= 0.6 + 1e-9
@@ -81,7 +82,7 @@ def test_demo_at_budgets_compares_every_method_at_the_same_cut(tiny_model_dir, t
     # DR-RL against every method at the same budget, with a bootstrap interval; the ratio is the rows' ppl ratio
     cmp = {(c["method"], c["reference"]): c for c in rep["comparisons"]}
     refs = {"drrl-frozen@40%", "alloc@40%", "static@40%", "energy@40%", "random@40%", "drrl-cosine@40%",
-            "drrl-frozen-cosine@40%", "drrl-kl@40%", "drrl-frozen-kl@40%", "alloc-cells@40%"}  # fmt: skip
+            "drrl-frozen-cosine@40%", "drrl-kl@40%", "drrl-frozen-kl@40%", "alloc-cells@40%", "alloc-heads@40%"}  # fmt: skip
     assert {r for m, r in cmp if m == "drrl@40%"} == refs
     for (m, r), c in cmp.items():
         assert c["low"] <= c["ratio"] <= c["high"] and c["windows"] == 2
@@ -100,7 +101,7 @@ def test_demo_cli_quick_and_bad_input(tiny_model_dir, text_corpus, tmp_path, cap
     assert "| drrl |" not in out and (tmp_path / "d" / "results.json").is_file()
     rep = json.loads((tmp_path / "d" / "results.json").read_text())
     assert rep["config"]["fidelities"] == ["fisher"] and rep["policy_overhead"]["method"] == "drrl@40%"
-    assert "alloc-cells@40%" in out
+    assert "alloc-cells@40%" in out and "alloc-heads@40%" in out
     assert main(["-q", "demo", "--budgets", "none", "--model", tiny_model_dir, "--out", str(tmp_path / "y")]) != 0
     assert "needs a budget or a β" in capsys.readouterr().err and not (tmp_path / "y").exists()
     code = main(["-q", "demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])

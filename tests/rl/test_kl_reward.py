@@ -40,6 +40,9 @@ def test_kl_reward_equals_two_forwards_and_skips_the_teacher_branch():
     cfg = GPTConfig(n_layer=2, n_head=2, d_model=32, context=32, vocab_size=64, attention="drrl",
                     attention_kwargs={"controller": "rl", "segment": 8, "bucket": 4})  # fmt: skip
     model = GPT(cfg)
+    with torch.no_grad():  # sharper attention: at the default init the KLs are ~1e-7 and exp(−KL) rounds to 1
+        for b in model.blocks:
+            b.attn.qkv.weight.mul_(6)
     ctrl = model.rank_controller
     layers = [b.attn for b in model.blocks]
     trainer = PolicyTrainer(ctrl, RLConfig(alpha=1.0, beta=0.0, gamma=0.0, fidelity="kl"), seed=0)
@@ -65,7 +68,7 @@ def test_kl_reward_equals_two_forwards_and_skips_the_teacher_branch():
             assert r == pytest.approx(expect, rel=1e-5)
             assert kl[row, seg].item() == pytest.approx(direct[row, 8 * seg : 8 * seg + 8].mean().item(), abs=1e-6)
     rewards = torch.cat([e.rewards for e in trainer.episodes])
-    assert rewards.std() > 0  # not a constant: the segments' decisions bought different fidelities
+    assert rewards.std() > 1e-5  # not a constant: the segments' decisions bought different fidelities
     assert trainer.update()["mean_reward"] == pytest.approx(rewards.mean().item(), rel=1e-6)
 
 

@@ -70,7 +70,9 @@ class Feedback:
     share of the score FLOPs, Σ pairs·rank_fraction / Σ pairs, which a budget is stated on. ``error`` (0-d
     tensors; empty unless the layer has an ``output_fisher``) is the second-order estimate of the KL divergence
     per token of the model's next-token distribution that the decision's output error costs: ½ Σ F·(o − o_full)²
-    over the segment's positions, averaged, with F the diagonal Fisher of :mod:`drrl.attention.drrl.sensitivity`."""
+    over the segment's positions, averaged, with F the diagonal Fisher of :mod:`drrl.attention.drrl.sensitivity`;
+    ``head_error`` splits it per key/value head ((H_kv,) tensors summing to ``error``: the estimate is additive
+    over heads)."""
 
     row: int
     fidelity: list[torch.Tensor]
@@ -79,6 +81,7 @@ class Feedback:
     rank_fraction: list[float] = field(default_factory=list)
     pairs: list[int] = field(default_factory=list)
     error: list[torch.Tensor] = field(default_factory=list)
+    head_error: list[torch.Tensor] = field(default_factory=list)
 
 
 def segment_fidelity(y: torch.Tensor, teacher: torch.Tensor, segment: int) -> torch.Tensor:
@@ -97,8 +100,9 @@ def cost_ratio(rank: int, d_head: int, q_start: int, q_len: int, causal: bool = 
 
 
 class RankController(nn.Module):
-    """Interface: ``forward(stats) -> (n_segments,) int64 bucket indices``. An ``nn.Module`` so learned
-    controllers carry parameters and state dicts.
+    """Interface: ``forward(stats) -> (n_segments,) int64 bucket indices``, or (n_segments, H_kv) for a rank per
+    key/value head (each group of query heads runs at its head's rank). An ``nn.Module`` so learned controllers
+    carry parameters and state dicts.
 
     Attributes a controller sets to say what it needs (the attention reads them, never the name):
         needs_stats: False lets the attention skip the per-segment statistics (``energy`` is then all ones).

@@ -114,15 +114,21 @@ class EnergyController(RankController):
 class TableController(RankController):
     """A fixed rank per (layer, segment index): ``table[layer][segment]`` (a segment past the end of its row
     takes the row's last rank). One column per layer is a static per-layer allocation; a learned policy's
-    mean ranks replayed as a table are its "frozen" ablation. One instance serves every layer of a model."""
+    mean ranks replayed as a table are its "frozen" ablation. An entry may also be a list of ranks, one per
+    key/value head of the layer (a per-head allocation; an int entry in such a row means every head at that
+    rank). One instance serves every layer of a model."""
 
     needs_stats = False
 
     def __init__(self, table):
         super().__init__()
-        rows = [[int(r) for r in row] for row in table]
+        rows = [[_entry(r) for r in row] for row in table]
         if not rows or any(not row for row in rows):
             raise ValueError("controller 'table' needs a non-empty rank table: one row of ranks per layer")
+        for i, row in enumerate(rows):
+            widths = {len(r) for r in row if isinstance(r, tuple)}
+            if len(widths) > 1:
+                raise ValueError(f"row {i} of the rank table has per-head entries of {sorted(widths)} heads; use one")
         self.table = rows
 
     @classmethod
@@ -131,7 +137,7 @@ class TableController(RankController):
         if table is None:
             raise ValueError("controller 'table' needs table= a list of rank rows, one per layer")
         ctrl = cls(table)
-        bad = sorted({r for row in ctrl.table for r in row} - set(buckets))
+        bad = sorted({r for row in ctrl.table for e in row for r in _flat(e)} - set(buckets))
         if bad:
             raise ValueError(f"table ranks {bad} are not buckets; buckets are {buckets}")
         return ctrl
@@ -142,7 +148,25 @@ class TableController(RankController):
         row, buckets = self.table[stats.layer], stats.buckets.tolist()
         n = stats.energy.shape[0]
         ranks = [row[min(s, len(row) - 1)] for s in range(n)]
-        missing = sorted(set(ranks) - set(buckets))
+        missing = sorted({r for e in ranks for r in _flat(e)} - set(buckets))
         if missing:
             raise ValueError(f"table ranks {missing} are not buckets; buckets are {buckets}")
-        return torch.tensor([buckets.index(r) for r in ranks], dtype=torch.long)
+        heads = next((len(e) for e in row if isinstance(e, tuple)), 0)
+        if not heads:
+            return torch.tensor([buckets.index(r) for r in ranks], dtype=torch.long)
+        return torch.tensor(
+            [[buckets.index(r) for r in (e if isinstance(e, tuple) else (e,) * heads)] for e in ranks], dtype=torch.long
+        )
+
+
+def _entry(r) -> int | tuple[int, ...]:
+    """A table entry: a rank, or a tuple of per-head ranks."""
+    if isinstance(r, (list, tuple)):
+        if not r:
+            raise ValueError("a per-head entry of the rank table needs one rank per key/value head, got []")
+        return tuple(int(x) for x in r)
+    return int(r)
+
+
+def _flat(e) -> tuple[int, ...]:
+    return e if isinstance(e, tuple) else (e,)

@@ -120,6 +120,7 @@ class ErrorProbe(TableController):
     def __init__(self, table):
         super().__init__(table)
         self.errors: dict = defaultdict(list)  # (layer, segment) -> estimates, one per forward pass
+        self.head_errors: dict = defaultdict(list)  # (layer, segment) -> (H_kv,) estimates per key/value head
         self.pairs: dict = {}  # segment -> its query-key pairs
         self._decided: tuple = (-1, [])
 
@@ -135,8 +136,9 @@ class ErrorProbe(TableController):
         layer, segs = self._decided
         if len(feedback.error) != len(segs):
             raise ValueError("the error probe needs each layer's output Fisher: run output_fisher(model, layers, ...)")
-        for s, e, p in zip(segs, feedback.error, feedback.pairs, strict=True):
+        for s, e, h, p in zip(segs, feedback.error, feedback.head_error, feedback.pairs, strict=True):
             self.errors[(layer, s)].append(float(e))
+            self.head_errors[(layer, s)].append(h.tolist())
             self.pairs[s] = p
 
     def estimate(self) -> float:
@@ -151,12 +153,15 @@ class ErrorProbe(TableController):
 @dataclass
 class CellErrors:
     """Estimated KL per token (nats) of cell (layer ``l``, segment ``s``) at ``ranks[j]``: ``error[l][s][j]``
-    (0 at r_max, the last rank); ``pairs[s]`` is segment s's query-key pairs (its weight in the score FLOPs)."""
+    (0 at r_max, the last rank); ``pairs[s]`` is segment s's query-key pairs (its weight in the score FLOPs);
+    ``head_error[l][s][h][j]`` is the part of it that key/value head h's group contributes (every head of the
+    probe at ``ranks[j]``; the estimate is additive over heads, so the cell's error is their sum)."""
 
     ranks: list[int]
     error: list[list[list[float]]]
     pairs: list[int]
     forwards: int
+    head_error: list[list[list[list[float]]]] | None = None  # [l][s][kv head][j]: the same split per KV head
 
 
 def fisher_errors(model, layers, windows, ranks: list[int], *, device=None, on_step=None) -> CellErrors:
@@ -193,40 +198,63 @@ def fisher_errors(model, layers, windows, ranks: list[int], *, device=None, on_s
          for s in range(n_seg)]
         for i in range(len(layers))
     ]  # fmt: skip
-    return CellErrors(ranks, error, [pairs.get(s, 0) for s in range(n_seg)], len(windows) * (len(ranks) - 1))
+    n_kv = layers[0].n_kv_head
+
+    def head_mean(p, i, s, h):
+        e = p.head_errors.get((i, s))
+        return sum(x[h] for x in e) / len(e) if e else math.inf
+
+    head = [
+        [[[head_mean(p, i, s, h) for p in per_rank.values()] + [0.0] for h in range(n_kv)] for s in range(n_seg)]
+        for i in range(len(layers))
+    ]
+    return CellErrors(ranks, error, [pairs.get(s, 0) for s in range(n_seg)], len(windows) * (len(ranks) - 1), head)
 
 
-def cell_allocation(errors: CellErrors, budget: float, steps: int = 60) -> list[list[int]]:
+def cell_allocation(errors: CellErrors, budget: float, steps: int = 60, *, per_head: bool = False) -> list[list]:
     """One rank per (layer, segment) cell (a :class:`~drrl.controllers.TableController` table) with a score-FLOPs
     cut of at least ``budget`` and the least summed estimated KL: each cell takes the rank minimising
     error + λ·pairs·rank, with the smallest λ (bisection on log λ) whose table meets the budget (the Lagrangian
-    relaxation of the multiple-choice knapsack: exact on the lower convex hull of each cell's options)."""
+    relaxation of the multiple-choice knapsack: exact on the lower convex hull of each cell's options). With
+    ``per_head`` the cells are (layer, segment, key/value head), each weighing 1/H_kv of its segment, and every
+    table entry is a list of per-head ranks."""
     if not 0 <= budget < 1:
         raise ValueError(f"budget must be a score-FLOPs cut in [0, 1), got {budget}")
+    if per_head and errors.head_error is None:
+        raise ValueError("per-head allocation needs per-head errors: CellErrors.head_error (from fisher_errors)")
     ranks, top = errors.ranks, errors.ranks[-1]
+    # flat cells in table order: (layer, segment, errors at each rank, weight in the score FLOPs)
+    if per_head:
+        cells = [(i, s, e, p / len(hs)) for i, row in enumerate(errors.head_error)
+                 for s, (hs, p) in enumerate(zip(row, errors.pairs, strict=True)) for e in hs]  # fmt: skip
+    else:
+        cells = [(i, s, e, p) for i, row in enumerate(errors.error)
+                 for s, (e, p) in enumerate(zip(row, errors.pairs, strict=True))]  # fmt: skip
     total = sum(errors.pairs) * top * len(errors.error)
 
-    def table(lam: float) -> list[list[int]]:
-        return [
-            [min(ranks, key=lambda r, e=cell, p=p: (e[ranks.index(r)] + lam * p * r / total, r))
-             for cell, p in zip(row, errors.pairs, strict=True)]
-            for row in errors.error
-        ]  # fmt: skip
+    def picks(lam: float) -> list[int]:
+        return [min(ranks, key=lambda r, e=e, w=w: (e[ranks.index(r)] + lam * w * r / total, r)) for *_, e, w in cells]
 
-    def fraction(t) -> float:
-        return sum(p * r for row in t for p, r in zip(errors.pairs, row, strict=True)) / total
+    def fraction(rs: list[int]) -> float:
+        return sum(c[3] * r for c, r in zip(cells, rs, strict=True)) / total
 
     lo, hi = 1e-9, 1e9
-    if fraction(table(hi)) > 1 - budget + 1e-12:
+    if fraction(picks(hi)) > 1 - budget + 1e-12:
         raise ValueError(f"no table meets a {budget:.0%} cut with ranks {ranks}")
     for _ in range(steps):
         mid = math.sqrt(lo * hi)
-        if fraction(table(mid)) <= 1 - budget + 1e-12:
+        if fraction(picks(mid)) <= 1 - budget + 1e-12:
             hi = mid
         else:
             lo = mid
-    out = table(hi)
-    log.info("cell allocation at budget %.2f: executed fraction %.4f", budget, fraction(out))
+    rs = picks(hi)
+    log.info("cell allocation at budget %.2f%s: executed fraction %.4f", budget, " per head" * per_head, fraction(rs))
+    out = [[[] if per_head else 0 for _ in row] for row in errors.error]
+    for (i, s, _, _), r in zip(cells, rs, strict=True):
+        if per_head:
+            out[i][s].append(r)
+        else:
+            out[i][s] = r
     return out
 
 

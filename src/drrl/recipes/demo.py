@@ -13,7 +13,8 @@ corpus of the data layer), at a context of 1024 tokens:
    ``energy`` (threshold rule at a few τ).
 5. With budgets, every method at each cut: ``drrl@B`` (trained with a Lagrange multiplier, then a cost shift tuned
    to meet the budget), ``drrl-frozen@B``, ``alloc@B`` (a rank per layer searched against the loss),
-   ``alloc-cells@B`` (a rank per layer and segment from the output Fisher's KL estimates), ``static@B``,
+   ``alloc-cells@B`` (a rank per layer and segment from the output Fisher's KL estimates), ``alloc-heads@B``
+   (the same per key/value head), ``static@B``,
    ``energy@B`` and ``random@B``. The default reward is ``fisher``: each decision's own KL estimate.
    Measuring and fitting one method lives in :mod:`.demo_methods`.
 6. Time (:mod:`.demo_timing`): each method's attention layers on one window's captured queries, keys and values against SDPA,
@@ -298,6 +299,7 @@ def _budget_methods(model, layers, results: dict, setups: dict, eval_w, policy_w
         uniform = max([r for r in buckets if r <= (1 - b) * r_max + 1e-9] or buckets[:1])  # the budget's bucket
         alloc = static_allocation(sens, b)
         tables = {"alloc" + tag: alloc, "alloc-cells" + tag: cell_allocation(cells, b),
+                  "alloc-heads" + tag: cell_allocation(cells, b, per_head=True),
                   "static" + tag: [[uniform]] * len(layers)}  # fmt: skip
         info[tag] = {"budget": b, "allocation": [row[0] for row in alloc], "uniform_rank": uniform, "policies": {}}
         for f_i, fid in enumerate(cfg.fidelities):

@@ -92,7 +92,8 @@ def _budgets(rep: dict) -> str:
         lines[0] += (
             " `alloc-cells@B` is a rank per (layer, segment) cell, the least summed KL under the budget, with each "
             "cell's KL at every bucket estimated from the layers' output Fisher (the fisher reward's signal) in "
-            f"{cells['forwards']} forward passes ({cells['seconds']:.0f} s)."
+            f"{cells['forwards']} forward passes ({cells['seconds']:.0f} s); `alloc-heads@B` the same with a rank "
+            "per (layer, segment, key/value head) cell, from the same passes (the estimate is additive over heads)."
         )
     for tag, b in info.items():
         if tag in ("sensitivity", "cell_errors"):
@@ -152,6 +153,7 @@ def plots(rep: dict, out: Path) -> None:
         ("drrl", "o-", "DR-RL"),
         ("alloc@", "d-", "static per-layer allocation"),
         ("alloc-cells", "v-", "static per-cell allocation"),
+        ("alloc-heads", "<-", "static per-cell, per-KV-head allocation"),
     ]
     for ax, key, what in zip(axes, ("score_flops_reduction", "attn_flops_reduction"),
                              ("score (Q·Kᵀ) FLOPs", "attention FLOPs, every overhead counted"), strict=True):  # fmt: skip

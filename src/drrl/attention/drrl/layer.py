@@ -241,7 +241,8 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
     def _execute(self, q, k, v, plan: Plan, scale: float) -> torch.Tensor:
         """Run ``plan`` on (B, H, L, d) q, k, v: each segment at its own rank. Per run of segments sharing a basis,
         the keys are projected once at the run's largest rank (the basis columns are ordered by singular value, so
-        a smaller rank is a slice); consecutive segments of equal rank share one SDPA call."""
+        a smaller rank is a slice); consecutive segments of equal rank share one SDPA call. With per-head ranks each
+        key/value head's group of query heads runs at its own rank (one call per group where the ranks differ)."""
         B, H, L, d = q.shape
         T = self.segment if self.causal else L
         outs, paths = [], set()
@@ -250,6 +251,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         if certify:  # the running Gram of the keys before the run being certified (drrl.attention.drrl.guard)
             sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
             gk, gpos = q.new_zeros(B, self.n_kv_head, d, d, dtype=sdt), 0
+        per_head = plan.head_ranks is not None
         for blk in plan.blocks:
             b = min(blk.s1 * T, L)
             if blk.maps is None:
@@ -257,39 +259,49 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
                 kb = self._expand(k[:, :, :b])
             else:
                 pq, pk = (m.to(q.dtype) for m in blk.maps)
-                ranks = plan.ranks[blk.s0 : blk.s1]
-                w = max(ranks)
+                w = max(plan.ranks[blk.s0 : blk.s1])
                 kb = self._expand(torch.einsum("bhld,hdr->bhlr", k[:, :, :b], pk[..., :w]))
                 fc["maps"] += B * self.n_kv_head * flops.matmul(b, d, w)
                 pq = pq if self.group == 1 else pq.repeat_interleave(self.group, 0)
-                runs = _equal_runs(ranks, blk.s0)
+                runs = _equal_runs((plan.head_ranks if per_head else plan.ranks)[blk.s0 : blk.s1], blk.s0)
             vb = self._expand(v[:, :, :b])
             for s0, s1, r in runs:
                 a, e = s0 * T, min(s1 * T, L)
-                if blk.maps is None:
-                    qr, kr = q[:, :, a:e], kb[:, :, :e]
-                else:
-                    qr = torch.einsum("bhld,hdr->bhlr", q[:, :, a:e], pq[..., :r])
-                    kr = kb[:, :, :e, :r]
-                    fc["maps"] += B * H * flops.matmul(e - a, d, r)
-                y, path, entries = sdpa_lowrank(qr, kr, vb[:, :, :e], a, scale, self.causal)
-                if certify and blk.maps is not None:
+                g = self.group
+                groups = (
+                    [(0, H, r if isinstance(r, int) else r[0])]
+                    if isinstance(r, int) or len(set(r)) == 1
+                    else [(j * g, (j + 1) * g, rj) for j, rj in enumerate(r)]
+                )
+                ys = []
+                for h0, h1, rr in groups:
+                    nh = B * (h1 - h0)
+                    if blk.maps is None:
+                        qr, kr = q[:, h0:h1, a:e], kb[:, h0:h1, :e]
+                    else:
+                        qr = torch.einsum("bhld,hdr->bhlr", q[:, h0:h1, a:e], pq[h0:h1, :, :rr])
+                        kr = kb[:, h0:h1, :e, :rr]
+                        fc["maps"] += nh * flops.matmul(e - a, d, rr)
+                    y, path, entries = sdpa_lowrank(qr, kr, vb[:, h0:h1, :e], a, scale, self.causal)
+                    ys.append(y)
+                    paths.add(path)
+                    width = d if path.startswith("sdpa-padded") else qr.shape[-1]
+                    plan.kernel_score_flops += nh * 2 * width * entries
+                    # executed: the width the q/k products really have (the CPU kernel's zero padding is in kernel_*)
+                    core = flops.attention_core(flops.causal_pairs(a, e - a, self.causal, L), qr.shape[-1], d)
+                    fc.update({key: val * nh for key, val in core.items()})
+                y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
+                if certify and blk.maps is not None:  # per-head ranks never reach here (_ranks_of refuses the guard)
                     kk = k[:, :, gpos:a].to(sdt)
                     gk = gk + kk.transpose(-2, -1) @ kk
-                    y, gk, bad = certify_run(self, q, k, v, y, a, e, r, pq, blk.maps[1], scale, gk, fc)
+                    y, gk, bad = certify_run(self, q, k, v, y, a, e, groups[0][2], pq, blk.maps[1], scale, gk, fc)
                     gpos, plan.guard_rows = e, plan.guard_rows + bad
                 outs.append(y)
-                paths.add(path)
-                width = d if path.startswith("sdpa-padded") else qr.shape[-1]
-                plan.kernel_score_flops += B * H * 2 * width * entries
-                # executed: the width the q/k products really have (the CPU kernel's zero padding is in kernel_*)
-                core = flops.attention_core(flops.causal_pairs(a, e - a, self.causal, L), qr.shape[-1], d)
-                fc.update({key: val * B * H for key, val in core.items()})
         for s, r in enumerate(plan.ranks):  # planned: what the counted ranks promise
             a, n = s * T, min(T, L - s * T)
-            plan.planned_score_flops += (
-                B * H * flops.attention_core(flops.causal_pairs(a, n, self.causal, L), r, d)["scores"]
-            )
+            pairs = flops.causal_pairs(a, n, self.causal, L)
+            heads = [(H, r)] if not per_head else [(self.group, rj) for rj in plan.head_ranks[s]]
+            plan.planned_score_flops += sum(B * nh * flops.attention_core(pairs, rj, d)["scores"] for nh, rj in heads)
         fc["controller"] += len(plan.ranks) * self.controller.flops_per_decision(len(self.buckets))
         plan.path = "+".join(sorted(paths))
         self._record(plan, (B, H, L, d))
@@ -310,13 +322,15 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             plan.flops["teacher"] += teacher_flops
             self._totals["flops:teacher"] += teacher_flops
             fidelity = segment_fidelity(y, teacher, T)
-            if self.output_fisher is not None:  # the estimated KL this layer's error costs, per segment
-                err = segment_error(y, teacher, self.output_fisher, T)
+            if self.output_fisher is not None:  # the estimated KL this layer's error costs, per segment and KV head
+                err_h = segment_error(y, teacher, self.output_fisher, T)
+                err_h = err_h if self.group == 1 else err_h.unflatten(1, (self.n_kv_head, self.group)).sum(2)
+                err = err_h.sum(1)
                 plan.flops["teacher"] += 4 * y.numel()  # difference, square, weight, sum: counted with the teacher
                 self._totals["flops:teacher"] += 4 * y.numel()
         else:  # the controller measures fidelity elsewhere (the model's output distribution)
             fidelity = torch.full((len(plan.ranks),), float("nan"))
-        buckets = self.buckets.tolist()
+        buckets, mean = self.buckets.tolist(), plan.mean_ranks()
         fb = Feedback(row, [], [], [])
         for s, r in enumerate(plan.ranks):
             if not bool(plan.stats.decide[s]):
@@ -329,8 +343,9 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             fb.fidelity.append(fidelity[s])
             if err is not None:
                 fb.error.append(err[s].cpu())
-            fb.cost.append(cost_ratio(r, d, s * T, min(T, L - s * T), self.causal))
-            fb.rank_fraction.append(r / d)
+                fb.head_error.append(err_h[s].cpu())
+            fb.cost.append(cost_ratio(mean[s], d, s * T, min(T, L - s * T), self.causal))
+            fb.rank_fraction.append(mean[s] / d)
             fb.pairs.append(flops.causal_pairs(s * T, min(T, L - s * T), self.causal, L))
             fb.bound.append((bound / math.sqrt(2 * rows)).clamp(max=1.0).cpu())
         self.controller.observe(fb)
@@ -341,13 +356,14 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         T = self.segment if self.causal else L
         t["segments"] += len(plan.ranks)
         t["tokens"] += B * L
-        t["rank_tokens"] += B * sum(r * min(T, L - i * T) for i, r in enumerate(plan.ranks))
+        mean = plan.mean_ranks()  # per-head ranks: their mean (the executed rank of the segment)
+        t["rank_tokens"] += B * sum(r * min(T, L - i * T) for i, r in enumerate(mean))
         t["refreshes"] += plan.refreshes
         t["fallbacks"] += plan.fallbacks
         t["qr_fallbacks"] += plan.qr_fallbacks
         t["guard_rows"] += plan.guard_rows
         t["planned_scores"] += plan.planned_score_flops
-        for i, r in enumerate(plan.ranks):  # per segment index: the rank decisions of this layer, logged
+        for i, r in enumerate(mean):  # per segment index: the rank decisions of this layer, logged
             t[f"seg_rank:{i}"] += B * r
             t[f"seg_n:{i}"] += B
         t.update({"flops:" + k: v for k, v in plan.flops.items()})
@@ -422,8 +438,9 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         return ExportedLowRankAttention.from_drrl(self, rank, fold=fold)
 
 
-def _equal_runs(ranks: list[int], start: int) -> list[tuple[int, int, int]]:
-    """Maximal runs (s0, s1, rank) of consecutive segments with the same rank; segment indices from ``start``."""
+def _equal_runs(ranks: list, start: int) -> list[tuple]:
+    """Maximal runs (s0, s1, rank) of consecutive segments with the same rank (an int, or a tuple of per-head
+    ranks); segment indices from ``start``."""
     runs = []
     for i, r in enumerate(ranks):
         if runs and runs[-1][2] == r:

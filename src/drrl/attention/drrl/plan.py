@@ -38,7 +38,9 @@ class _Block:
 
 @dataclass
 class Plan:
-    """What one forward pass executes: per-segment ranks (d_head = full), blocks, and counters."""
+    """What one forward pass executes: per-segment ranks (d_head = full), blocks, and counters. A per-head
+    controller also sets ``head_ranks``: per segment, the rank of each key/value head (and of its group's query
+    heads); ``ranks`` is then their maximum, the width the segment's keys are projected at."""
 
     ranks: list[int]
     blocks: list[_Block]
@@ -52,6 +54,13 @@ class Plan:
     qr_fallbacks: int = 0  # refreshes whose CholeskyQR2 fell back to Householder QR
     last_basis: torch.Tensor | None = None  # P_q of the last basis version (the next call's warm start)
     guard_rows: int = 0  # query rows (per head) the guard's certificate recomputed at full rank
+    head_ranks: list[tuple[int, ...]] | None = None  # per segment, the rank of each key/value head
+
+    def mean_ranks(self) -> list[float]:
+        """Per segment, the rank averaged over the heads (the executed rank; ``ranks`` without head ranks)."""
+        if self.head_ranks is None:
+            return [float(r) for r in self.ranks]
+        return [sum(h) / len(h) for h in self.head_ranks]
 
 
 @dataclass
@@ -123,9 +132,8 @@ class PlanMixin:
             stats = SegmentStats(
                 self.layer_idx, self.buckets, dr.energy, dr.bound, dr.energy > 0, dr.decide, self.step_count
             )
-            buckets = self.buckets.tolist()
-            ranks = [buckets[c] for c in self.controller(stats).tolist()]
-            return Plan(ranks, [_Block(0, n_seg, cal_maps)], stats=stats)
+            ranks, head_ranks = self._ranks_of(self.controller(stats), [True] * n_seg)
+            return Plan(ranks, [_Block(0, n_seg, cal_maps)], stats=stats, head_ranks=head_ranks)
         gq, gk, gv = self._prefix_grams(q, k, v, n_seg, sdt, dr.fc, calibrated)
         finite = torch.isfinite(gq.sum((-3, -2, -1)) + gk.sum((-3, -2, -1))).cpu()  # NaN/inf reach the sums
         seq_feats = self._sequence_features(gq, gk, B, L, sdt)
@@ -218,20 +226,46 @@ class PlanMixin:
             self.layer_idx, self.buckets, dr.energy, dr.bound, allowed, dr.decide, self.step_count, row, seq_feats
         )
         t0 = time.perf_counter()
-        choice = self.controller(stats).tolist()
+        choice = self.controller(stats)
         self._totals["time:controller"] += time.perf_counter() - t0
-        buckets, decided, safe = self.buckets.tolist(), dr.decide.tolist(), allowed.tolist()  # one transfer each
-        ranks = []
+        decided = dr.decide.tolist()
+        ranks, head_ranks = self._ranks_of(choice, allowed.tolist())
         for j in range(len(dr.seg_maps)):
             if not decided[j]:
-                ranks.append(d if dr.seg_maps[j] is None else self.r_max)
-                continue
-            c = int(choice[j])
-            if not safe[j][c]:  # the guardrail overrides: nearest safe bucket above, else r_max
-                c = next((i for i in range(c, len(buckets)) if safe[j][i]), len(buckets) - 1)
-            ranks.append(buckets[c])
+                ranks[j] = d if dr.seg_maps[j] is None else self.r_max
+                if head_ranks is not None:
+                    head_ranks[j] = (ranks[j],) * self.n_kv_head
         blocks = [_Block(s, t, dr.seg_maps[s]) for s, t in _runs(dr.seg_maps, dr.new_version)]
-        return Plan(ranks, blocks, dr.refreshes, dr.fallbacks, stats, dr.fc, qr_fallbacks=dr.qr_fallbacks)
+        return Plan(
+            ranks, blocks, dr.refreshes, dr.fallbacks, stats, dr.fc, qr_fallbacks=dr.qr_fallbacks, head_ranks=head_ranks
+        )
+
+    def _ranks_of(self, choice: torch.Tensor, safe: list):
+        """The controller's bucket indices -> per-segment ranks, and per-head ranks when the controller chose per
+        key/value head ((n_seg, H_kv) indices; their maximum is the segment's rank). The guardrail overrides an
+        unsafe choice with the nearest safe bucket above, else r_max (``safe``: per segment, per bucket, or True)."""
+        buckets, n = self.buckets.tolist(), choice.shape[0]
+        if choice.dim() == 2 and choice.shape[1] != self.n_kv_head:
+            raise ValueError(
+                f"a per-head rank choice needs one column per key/value head ({self.n_kv_head}), got {choice.shape[1]}"
+            )
+        if choice.dim() == 2 and self.guard_eps is not None:
+            raise ValueError(
+                "per-head ranks do not run with the guardrail (its certificate is per segment); "
+                "set guard_eps=None or use one rank per segment"
+            )
+        rows = choice.view(n, -1).tolist()
+
+        def pick(j: int, c: int) -> int:
+            ok = safe[j]
+            if ok is not True and not ok[c]:
+                c = next((i for i in range(c, len(buckets)) if ok[i]), len(buckets) - 1)
+            return buckets[c]
+
+        per = [tuple(pick(j, int(c)) for c in row) for j, row in enumerate(rows)]
+        if choice.dim() == 1:
+            return [p[0] for p in per], None
+        return [max(p) for p in per], per
 
 
 def naive_lowrank_attention(q, k, v, plan: Plan, segment: int, causal: bool = True) -> torch.Tensor:
@@ -245,13 +279,14 @@ def naive_lowrank_attention(q, k, v, plan: Plan, segment: int, causal: bool = Tr
     for blk in plan.blocks:
         for s in range(blk.s0, blk.s1):
             a, b = s * T, min((s + 1) * T, L)
-            r = plan.ranks[s]
             if blk.maps is None:
                 qs, ks = q[:, :, a:b], k.repeat_interleave(g, 1)
-            else:
-                pq, pk = (m.to(q.dtype) for m in blk.maps)
-                qs = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq[..., :r].repeat_interleave(g, 0))
-                ks = torch.einsum("bhld,hdr->bhlr", k, pk[..., :r]).repeat_interleave(g, 1)
+            else:  # each key/value head (and its group's query heads) at its own rank: zero the columns past it
+                hr = plan.head_ranks[s] if plan.head_ranks is not None else (plan.ranks[s],) * k.shape[1]
+                keep = (torch.arange(blk.maps[0].shape[-1]) < torch.tensor(hr)[:, None]).to(q.dtype)  # (H_kv, r_max)
+                pq, pk = (m.to(q.dtype) * keep[:, None, :] for m in blk.maps)
+                qs = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq.repeat_interleave(g, 0))
+                ks = torch.einsum("bhld,hdr->bhlr", k, pk).repeat_interleave(g, 1)
             scores = qs @ ks.transpose(-2, -1) / math.sqrt(d)  # (B, H, b - a, L)
             if causal:
                 future = torch.arange(L, device=q.device)[None, :] > torch.arange(a, b, device=q.device)[:, None]

@@ -30,12 +30,13 @@ def add_squared_grad(acc: list, grad: torch.Tensor) -> None:
 
 
 def segment_error(y: torch.Tensor, teacher: torch.Tensor, fisher: torch.Tensor, segment: int) -> torch.Tensor:
-    """½ Σ_{h,c} F_{h,c}·(y − teacher)² per position, averaged over the rows and over each segment's positions:
-    (B, H, L, d) outputs, (H, d) Fisher -> (n_segments,) estimated KL per token, float32."""
-    B, _, L, _ = y.shape
-    err = 0.5 * torch.einsum("bhld,hd->l", (y - teacher).float().pow(2), fisher.float()) / B
+    """½ Σ_c F_{h,c}·(y − teacher)² per head and position, averaged over the rows and over each segment's positions:
+    (B, H, L, d) outputs, (H, d) Fisher -> (n_segments, H) estimated KL per token, float32. The diagonal Fisher
+    makes the estimate additive over heads: a segment's is the sum of its row."""
+    B, H, L, _ = y.shape
+    err = 0.5 * torch.einsum("bhld,hd->lh", (y - teacher).float().pow(2), fisher.float()) / B
     counts = [min(segment, L - s * segment) for s in range(-(-L // segment))]
-    return F.pad(err, (0, -L % segment)).view(-1, segment).sum(-1) / err.new_tensor(counts)
+    return F.pad(err, (0, 0, 0, -L % segment)).view(-1, segment, H).sum(1) / err.new_tensor(counts)[:, None]
 
 
 @contextmanager
