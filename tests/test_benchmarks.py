@@ -97,3 +97,17 @@ def test_adaptivity_headroom_benchmark_writes_its_schema(tmp_path, capsys, tiny_
         assert rows[name]["score_fraction"] <= 0.6 + 1e-9 and rows[name]["ppl"] > 1  # every table at the budget
     assert rows["full"]["estimated_kl"] == 0 and all(r["estimated_kl"] > 0 for n, r in rows.items() if n != "full")
     assert "| oracle per window |" in capsys.readouterr().out
+
+
+def test_planning_overhead_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("planning_overhead")
+    out = tmp_path / "p.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--contexts", "32,64", "--segment", "16",
+                       "--bucket", "4", "--calib-windows", "1", "--windows", "2", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert [r["context"] for r in data["rows"]] == [32, 64]
+    for r in data["rows"]:
+        assert r["decisions"] > 0 and r["decisions"] % (r["context"] // 16) == 0  # every (layer, segment) decided
+        assert 0 < r["policy_s"] <= r["plan_s"] < r["drrl_forward_s"] and 0 < r["plan_fraction"] < 1
+        assert r["policy_passes_s"]["extend"] > 0 and r["policy_passes_s"]["re-encode"] > 0
+    assert "| 64 |" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from safetensors.torch import load_file, save_file
 from drrl.attention import DynamicLowRankAttention
 from drrl.models import GPT, GPTConfig
 from drrl.rl import PPO, Episode, EpsilonSchedule, PPOConfig, RankPolicy, RewardConfig, RLController
-from drrl.rl.policy import decision_mask, mixture_log_probs, sample
+from drrl.rl.policy import PolicyCache, decision_mask, mixture_log_probs, sample
 from drrl.rl.reward import cost_ratio
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread (tests/conftest.py)
@@ -22,6 +22,41 @@ def test_decisions_never_see_later_segments_of_earlier_layers():
     assert blocked[2, 1]  # layer 1 segment 0 must not see layer 0 segment 1 (later tokens)
     assert not blocked[2, 0] and not blocked[3, 1] and not blocked[3, 2]
     assert blocked[0, 1]  # nor anything later in the sequence
+
+
+@pytest.mark.parametrize("n_layer_enc", [1, 2])
+def test_extending_the_cached_sequence_equals_re_encoding_it(n_layer_enc):
+    """Layer by layer, with some segments undecided (so layers add different counts): the logits and values of the
+    new decisions equal those of a full pass over the whole sequence, and a later segment of an earlier layer
+    never reaches an earlier segment (changing it leaves those rows alone)."""
+    torch.manual_seed(0)
+    nb, n_feat = 5, 7
+    policy = RankPolicy(n_feat, nb, 4, d_model=32, n_head=4, n_layer_enc=n_layer_enc).double().eval()
+    g = torch.Generator().manual_seed(1)
+    segs_per_layer = [[0, 1, 2, 3], [1, 2, 3], [0, 2, 3], [3]]
+    rows = [(layer, s) for layer, segs in enumerate(segs_per_layer) for s in segs]
+    feats = torch.randn(len(rows), n_feat, generator=g, dtype=torch.float64)
+    layers, segments = (torch.tensor(c) for c in zip(*rows, strict=True))
+    prev = torch.randint(0, nb + 1, (len(rows),), generator=g)
+    allowed = torch.rand(len(rows), nb, generator=g) > 0.3
+    allowed[:, -1] = True
+    with torch.no_grad():
+        full_logits, full_values = policy(feats, layers, segments, prev, allowed)
+    cache, at = PolicyCache(), 0
+    for segs in segs_per_layer:
+        sl = slice(at, at + len(segs))
+        logits, values = policy.extend(cache, feats[sl], layers[sl], segments[sl], prev[sl], allowed[sl])
+        torch.testing.assert_close(logits, full_logits[sl], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(values, full_values[sl], rtol=1e-10, atol=1e-10)
+        at += len(segs)
+    assert len(cache) == len(rows)
+    feats2 = feats.clone()
+    feats2[3] += 1.0  # layer 0, segment 3: every later decision of a segment < 3 must not move
+    cache = PolicyCache()
+    policy.extend(cache, feats2[:4], layers[:4], segments[:4], prev[:4], allowed[:4])
+    logits, _ = policy.extend(cache, feats2[4:7], layers[4:7], segments[4:7], prev[4:7], allowed[4:7])
+    torch.testing.assert_close(logits[:2], full_logits[4:6], rtol=1e-10, atol=1e-10)  # segments 1, 2
+    assert not torch.allclose(logits[2], full_logits[6])  # segment 3 sees it
 
 
 def test_masked_actions_are_never_sampled_and_mixture_is_a_distribution():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from drrl.controllers import Feedback, RankController, SegmentStats, register_controller
-from drrl.rl.policy import EpsilonSchedule, RankPolicy, sample
+from drrl.rl.policy import EpsilonSchedule, PolicyCache, RankPolicy, sample
 from drrl.rl.ppo import Episode
 from drrl.rl.reward import RewardConfig, budget_reward, fisher_fidelity, reward
 
@@ -55,7 +55,7 @@ class RLController(RankController):
         self.updates = 0  # PPO updates so far (drives the ε schedule)
         self.generator = torch.Generator().manual_seed(seed)
         self._rows: dict[int, dict] = {}
-        self._last_len = self._last_new = 0
+        self._last_len = 0
         self.lagrange = self.reward_cfg.beta  # the cost's multiplier λ when the reward has a budget
         # greedy decisions maximise logit − cost_shift·(rank / r_max): an inference-time multiplier on the rank that
         # a caller tunes so that the greedy policy meets a budget on held-in windows (never used while exploring)
@@ -91,6 +91,7 @@ class RLController(RankController):
             keys = ("feats", "layers", "segments", "prev", "allowed", "actions", "logp", "values", "rewards")
             ep = self._rows[stats.row] = {k: [] for k in keys}
             ep["below"] = {}  # segment -> action of the previous layer at that segment
+            ep["cache"] = PolicyCache()  # the policy's keys and values of the decisions so far
         explore = self.explore and self.training
         eps = self.epsilon(self.updates) if explore else 0.0
         out = torch.full((len(feats),), nb - 1, dtype=torch.long)
@@ -100,21 +101,21 @@ class RLController(RankController):
             return out
         # all of this layer's decisions in one policy pass: a decision's state holds nothing chosen in the same
         # layer (its previous rank is the layer below's at the same segment), so they need no sequential loop
-        for s in segs:
+        n, prev = len(segs), [ep["below"].get(s, nb) for s in segs]
+        for s, p in zip(segs, prev, strict=True):
             ep["feats"].append(feats[s]), ep["layers"].append(layer), ep["segments"].append(s)
-            ep["prev"].append(ep["below"].get(s, nb)), ep["allowed"].append(allowed[s])
-        with torch.no_grad():
-            logits, values = self.policy(*(t.to(param.device) for t in self._tensors(ep)))
-        n = len(segs)
-        logits = logits[-n:].cpu()
+            ep["prev"].append(p), ep["allowed"].append(allowed[s])
+        new = (feats[segs], torch.full((n,), layer), torch.tensor(segs), torch.tensor(prev), allowed[segs])
+        logits, values = self.policy.extend(ep["cache"], *(t.to(param.device) for t in new))
+        logits = logits.cpu()
         if not explore and self.cost_shift:
             frac = stats.buckets.cpu().to(logits.dtype) / stats.buckets[-1].item()
             logits = logits - self.cost_shift * frac
         a, lp = sample(logits, allowed[segs], eps, self.generator, greedy=not explore)
-        ep["actions"].extend(a.tolist()), ep["logp"].extend(lp.tolist()), ep["values"].extend(values[-n:].tolist())
+        ep["actions"].extend(a.tolist()), ep["logp"].extend(lp.tolist()), ep["values"].extend(values.tolist())
         out[segs] = a
         ep["below"] = dict(zip(segs, a.tolist(), strict=True))
-        self._last_len, self._last_new = len(ep["actions"]), n
+        self._last_len = len(ep["actions"])
         return out
 
     def decisions(self, row: int = 0) -> dict | None:
@@ -214,7 +215,8 @@ class RLController(RankController):
         return out
 
     def flops_per_decision(self, n_buckets: int) -> int:
-        # one policy pass per layer re-encodes the decision sequence so far (≈ 2 FLOPs per parameter per
-        # position), shared by the layer's decisions
-        per_pass = 2 * sum(p.numel() for p in self.policy.parameters()) * max(self._last_len, 1)
-        return per_pass // max(self._last_new, 1)
+        # each decision is one new row of the policy (≈ 2 FLOPs per parameter), whose attention in every encoder layer
+        # reads the cached keys and values of the N decisions so far (2·N·d_model for the scores, as much for the sum)
+        enc = self.policy.encoder.layers
+        attend = sum(4 * max(self._last_len, 1) * layer.self_attn.embed_dim for layer in enc)
+        return 2 * sum(p.numel() for p in self.policy.parameters()) + attend

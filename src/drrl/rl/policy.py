@@ -5,11 +5,16 @@ s_j ≤ s_i and j comes first (j ≤ i): a later segment of an earlier layer saw
 attending to it would leak them into an earlier segment's rank. Unsafe buckets (guardrail) get −inf
 logits. Exploration is an ε-mixture with the uniform distribution over the allowed buckets, and the
 log-probability of what was sampled is taken under that mixture, so PPO's ratios stay honest.
+
+Deciding a forward pass layer by layer, the controller extends the sequence with :meth:`RankPolicy.extend`: the new
+decisions attend to the cached keys and values of the earlier ones, so a pass costs O(N) new rows against the N
+decisions so far instead of re-encoding all N at every layer (O(N) policy passes of O(N) rows each). PPO re-encodes
+whole sequences with :meth:`RankPolicy.forward`; both give the same logits (tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +40,19 @@ def decision_mask(segments: torch.Tensor) -> torch.Tensor:
     order = torch.arange(n, device=segments.device)
     allowed = (order[None, :] <= order[:, None]) & (segments[None, :] <= segments[:, None])
     return ~allowed
+
+
+@dataclass
+class PolicyCache:
+    """The keys and values of the decisions encoded so far, per encoder layer ((heads, N, d_head) each), and their
+    segment indices (N,): what :meth:`RankPolicy.extend` attends to."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    segments: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.segments is None else len(self.segments)
 
 
 class RankPolicy(nn.Module):
@@ -69,14 +87,45 @@ class RankPolicy(nn.Module):
         self.pi = nn.Linear(d_model, n_buckets)
         self.v = nn.Linear(d_model, 1)
 
+    def _embed(self, feats, layers, segments, prev) -> torch.Tensor:
+        x = self.inp(feats) + self.layer_emb(layers) + self.prev_emb(prev)
+        return x + self.seg_emb(segments.clamp(max=self.max_segments - 1))
+
     def forward(self, feats, layers, segments, prev, allowed):
         """feats (N, F); layers, segments, prev (N,) int64 (prev = n_buckets when none); allowed (N, nb) bool.
         Returns masked logits (N, nb) and values (N,)."""
-        x = self.inp(feats) + self.layer_emb(layers) + self.prev_emb(prev)
-        x = x + self.seg_emb(segments.clamp(max=self.max_segments - 1))
+        x = self._embed(feats, layers, segments, prev)
         h = self.encoder(x.unsqueeze(0), mask=decision_mask(segments)).squeeze(0)
         logits = self.pi(h).masked_fill(~allowed, float("-inf"))
         return logits, self.v(h).squeeze(-1)
+
+    @torch.no_grad()
+    def extend(self, cache: PolicyCache, feats, layers, segments, prev, allowed):
+        """:meth:`forward`'s logits and values for n new decisions appended to the ``cache``d ones (which it
+        extends): the same result as re-encoding the whole sequence, at the cost of the new rows only. Runs the
+        encoder's pre-norm layers by hand on their own weights (inference only: no gradient)."""
+        x = self._embed(feats, layers, segments, prev)
+        n = len(segments)
+        seg_all = segments if cache.segments is None else torch.cat([cache.segments, segments])
+        see = seg_all[None, :] <= segments[:, None]  # (n, N): earlier decisions of no later segment, and itself
+        see[:, len(seg_all) - n :] &= torch.ones(n, n, dtype=torch.bool, device=see.device).tril()
+        for i, layer in enumerate(self.encoder.layers):
+            sa = layer.self_attn
+            heads, dh = sa.num_heads, sa.embed_dim // sa.num_heads
+            q, k, v = (
+                t.view(n, heads, dh).transpose(0, 1)
+                for t in F.linear(layer.norm1(x), sa.in_proj_weight, sa.in_proj_bias).chunk(3, -1)
+            )
+            if len(cache):
+                k, v = torch.cat([cache.keys[i], k], 1), torch.cat([cache.values[i], v], 1)
+                cache.keys[i], cache.values[i] = k, v
+            else:
+                cache.keys.append(k), cache.values.append(v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=see)
+            x = x + sa.out_proj(o.transpose(0, 1).reshape(n, sa.embed_dim))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+        cache.segments = seg_all
+        return self.pi(x).masked_fill(~allowed, float("-inf")), self.v(x).squeeze(-1)
 
 
 def mixture_log_probs(logits: torch.Tensor, allowed: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
