@@ -15,7 +15,6 @@ Calibration as in ``drrl demo`` (6 windows of the first half of the training spl
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -26,6 +25,7 @@ from drrl.controllers import TableController, attach_controller
 from drrl.eval.allocation import CellErrors, cell_allocation, fisher_errors, output_fisher
 from drrl.eval.machine import machine
 from drrl.recipes.demo_methods import add_llm_arguments, calibrated_llm
+from drrl.utils import write_json_atomic
 
 
 def _mean(errs: list[CellErrors]) -> CellErrors:
@@ -98,8 +98,7 @@ def main(argv=None) -> dict:
               f"| {r['estimated_kl']:.4f} |")  # fmt: skip
     print(f"{out['seconds']:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_atomic(args.json, out)
     return out
 
 

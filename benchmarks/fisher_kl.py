@@ -14,7 +14,6 @@ allocation relies on).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -24,6 +23,7 @@ from drrl.controllers import TableController, attach_controller
 from drrl.eval.allocation import ErrorProbe, output_fisher
 from drrl.eval.machine import machine
 from drrl.recipes.demo_methods import add_llm_arguments, calibrated_llm
+from drrl.utils import write_json_atomic
 
 
 def _ints(text: str) -> list[int]:
@@ -103,8 +103,7 @@ def main(argv=None) -> dict:
         f"loss change {out['spearman_dnll_vs_exact']}; {out['seconds']:.0f} s"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_atomic(args.json, out)
     return out
 
 

@@ -17,7 +17,6 @@ Per context, on held-out windows, interleaved (median over windows):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -28,6 +27,7 @@ from drrl.controllers import TableController, attach_controller
 from drrl.eval.machine import machine
 from drrl.recipes.demo_methods import add_llm_arguments, calibrated_llm
 from drrl.rl.policy import PolicyCache
+from drrl.utils import write_json_atomic
 
 
 def _forward(model, layers, window) -> dict:
@@ -123,8 +123,7 @@ def main(argv=None) -> dict:
               f"{1e3 * p['extend']:.1f} ms / {1e3 * p['re-encode']:.1f} ms |")  # fmt: skip
     out = {"machine": machine(), "rows": rows, "seconds": time.perf_counter() - t0, "args": vars(args)}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json_atomic(args.json, out)
     return out
 
 
