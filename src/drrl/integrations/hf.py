@@ -13,23 +13,27 @@ the projection weights there; their cost is counted as ``maps`` FLOPs). With gro
 the joint factorisation of the group's stacked score matrices, so a decode cache keeps keys at width r
 once per KV head (:func:`cache_bytes_per_token`).
 
-Only self-attention without padding runs at low rank. Calls with an attention mask (padding) or with
-fewer queries than keys (generation through Hugging Face's own KV cache) run exact attention and are
-counted as ``hf_exact_calls`` in the layer's statistics; the low-rank decode path is the layer's own
-cache (``new_cache``/``append_to_cache``/``decode_step``).
+Generation runs at low rank through :class:`drrl.integrations.cache.LowRankCache`, which keeps keys at rank
+(``generate(..., past_key_values=LowRankCache(model))``, or ``apply_dynamic_rank(..., cache=True)`` to make it
+``generate``'s default). Without it, calls with an attention mask (padding) or with fewer queries than keys
+(generation through Hugging Face's own KV cache) run exact attention; they are counted as ``hf_exact_calls`` in the
+layer's statistics and logged once per layer as a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 
 from drrl._deprecated import moved_names
 from drrl.attention.base import Attention
 from drrl.attention.drrl import BASIS_MODES, DynamicLowRankAttention
+from drrl.attention.drrl.cache import attend_in_basis
 from drrl.attention.full import grouped_sdpa
 from drrl.controllers import attach_controller
 from drrl.errors import DrrlError
@@ -115,12 +119,35 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
     d = query.shape[-1]
     if scaling is not None and not math.isclose(scaling, 1 / math.sqrt(d), rel_tol=1e-6):
         raise DrrlError(f"layer {core.layer_idx}: attention scale {scaling} is not 1/sqrt(head_dim); not supported")
-    if attention_mask is not None or query.shape[2] != key.shape[2]:
+    ref = getattr(core, "hf_cache_layer", None)
+    cached = ref() if ref is not None else None
+    if cached is not None and key is cached.keys:  # keys kept at rank by drrl.integrations.cache.LowRankCache
+        if attention_mask is None and cached.start == 0 and query.shape[2] == key.shape[-1]:
+            out = core.attend(query, cached.new_keys, value)  # a prefill without padding: the layer's own plan
+        else:
+            core._totals["hf_cache_calls"] += 1
+            out = attend_in_basis(core, query, key, value, cached.start, _bool_mask(attention_mask))
+    elif attention_mask is not None or query.shape[2] != key.shape[2]:
         core._totals["hf_exact_calls"] += 1  # padding or HF-cache generation: exact attention (module docstring)
+        if not getattr(core, "_warned_exact", False):
+            core._warned_exact = True
+            log.warning(
+                "layer %d: a call with %s ran exact attention; generate with past_key_values=LowRankCache(model) "
+                "(drrl.integrations.cache) to keep keys at rank",
+                core.layer_idx,
+                "padding" if attention_mask is not None else "Hugging Face's own KV cache",
+            )
         out = _exact(module, query, key, value, attention_mask, scaling)
     else:
         out = core.attend(query, key, value)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _bool_mask(mask):
+    """Hugging Face's attention mask as a boolean (True: may attend), or None."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask == 0  # an additive float mask: 0 where allowed, a large negative value elsewhere
 
 
 def _register() -> None:
@@ -142,14 +169,16 @@ def _set_implementation(model: nn.Module, name: str) -> None:
 
 
 def apply_dynamic_rank(
-    model: nn.Module, config: DynamicRankConfig | None = None, **overrides
+    model: nn.Module, config: DynamicRankConfig | None = None, *, cache: bool = False, **overrides
 ) -> list[DynamicLowRankAttention]:
     """Swap every self-attention of a Hugging Face Llama-family or GPT-2 model for DR-RL attention, in place.
 
     Returns the new :class:`DynamicLowRankAttention` layers (one per model layer). With ``basis="calibrated"``
     (the default) run forward passes inside :func:`drrl.attention.calibrating` before evaluating. With
     ``controller="rl"`` one :class:`~drrl.rl.RLController` is shared by all layers and kept as
-    ``model.drrl_rank_controller``. Calling it again replaces the previous layers.
+    ``model.drrl_rank_controller``. With ``cache=True``, ``model.generate`` builds a fresh
+    :class:`~drrl.integrations.cache.LowRankCache` (keys at rank) whenever it is not given a cache. Calling it
+    again replaces the previous layers.
     """
     cfg = DynamicRankConfig(**{**asdict(config or DynamicRankConfig()), **overrides})
     family, h, hkv, d = _geometry(model)
@@ -168,8 +197,28 @@ def apply_dynamic_rank(
     model.drrl_rank_controller = attach_controller(layers)  # a shared controller (rl), built once
     _register()
     _set_implementation(model, IMPLEMENTATION)
+    if cache and not hasattr(model, "_drrl_generate"):
+        model._drrl_generate = model.generate
+        model.generate = functools.partial(_generate_low_rank, model)
     log.info("drrl attention in %d %s layers (H=%d, H_kv=%d, d=%d, %s)", len(layers), family, h, hkv, d, cfg)
     return layers
+
+
+def cache_kwarg() -> str:
+    """The name ``generate`` takes a cache by: ``cache`` in transformers 5 (``past_key_values`` is deprecated
+    there), ``past_key_values`` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def _generate_low_rank(model, *args, **kwargs):
+    """``model.generate`` with a fresh LowRankCache unless the caller passed a cache (``cache=True``)."""
+    from drrl.integrations.cache import LowRankCache
+
+    if not any(kwargs.get(k) is not None for k in ("cache", "past_key_values")):
+        kwargs[cache_kwarg()] = LowRankCache(model)
+    return model._drrl_generate(*args, **kwargs)
 
 
 def remove_dynamic_rank(model: nn.Module) -> None:
@@ -182,6 +231,9 @@ def remove_dynamic_rank(model: nn.Module) -> None:
     if hasattr(model, "_drrl_original_attn"):
         _set_implementation(model, model._drrl_original_attn)
         del model._drrl_original_attn
+    if hasattr(model, "_drrl_generate"):
+        del model.generate  # the class's own again
+        del model._drrl_generate
 
 
 def cache_bytes_per_token(model: nn.Module, rank: int | dict[int, int] | None, bytes_per_value: int = 2) -> int:

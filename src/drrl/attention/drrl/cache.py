@@ -1,5 +1,6 @@
-"""Low-rank decode and export: a key cache kept in the calibrated basis, and a fixed-rank copy of a layer with
-physically smaller maps."""
+"""Low-rank decode and export: a key cache kept in the calibrated basis, attention of new queries against keys kept in
+that basis (what a Hugging Face cache of :mod:`drrl.integrations.cache` feeds the layer), and a fixed-rank copy of a
+layer with physically smaller maps."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from drrl.attention.base import Attention
 from drrl.attention.drrl.kernels import sdpa_lowrank
+from drrl.controllers import SegmentStats
 
 if TYPE_CHECKING:
     from drrl.attention.drrl.layer import DynamicLowRankAttention
@@ -42,6 +44,64 @@ class LowRankKVCache:
         qg = qt[..., :rank].reshape(B, self.kt.shape[1], g, rank)  # query heads of a group stacked as rows
         s = torch.matmul(qg, self.kt[:, :, :rank, : self.n])
         return torch.matmul(s.softmax(-1), self.v[:, :, : self.n]).reshape(B, H, 1, -1)
+
+
+def segment_ranks(layer: DynamicLowRankAttention, n_seg: int) -> list[tuple[int, ...]]:
+    """The rank of each key/value head for segments 0..n_seg−1 of a sequence, for attention against cached keys.
+
+    A controller that reads no statistics (fixed rank, a rank table) is asked directly, so a cached decode runs at
+    exactly the ranks a full forward pass over the same positions would. A controller that needs a sequence's
+    statistics keeps the ranks its last plan decided (the prefill's) and, past them, the last segment's: a decode
+    step does not re-plan."""
+    heads = layer.n_kv_head
+    if not layer.needs_stats:
+        nb = len(layer.buckets)
+        stats = SegmentStats(
+            layer.layer_idx, layer.buckets, torch.ones(n_seg, nb), torch.zeros(n_seg, nb),
+            torch.ones(n_seg, nb, dtype=torch.bool), torch.ones(n_seg, dtype=torch.bool), layer.step_count,
+        )  # fmt: skip
+        ranks, head_ranks = layer._ranks_of(layer.controller(stats), [True] * n_seg)
+        return head_ranks if head_ranks is not None else [(r,) * heads for r in ranks]
+    plan = layer.last_plan
+    if plan is None:
+        return [(layer.r_max,) * heads] * n_seg
+    planned = plan.head_ranks or [(r,) * heads for r in plan.ranks]
+    return [planned[min(s, len(planned) - 1)] for s in range(n_seg)]
+
+
+def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=None) -> torch.Tensor:
+    """Queries at positions [start, start + t) against keys kept in the layer's calibrated key basis.
+
+    ``q`` (B, H, t, d) post-RoPE; ``kt`` (B, H_kv, W, N) the cached keys times P_k (unscaled), transposed so that a
+    rank-r read is r contiguous rows (W ≥ r: the cache's width); ``v`` (B, H_kv, N, d); ``mask`` None (causal by
+    position) or a boolean (B or 1, 1, t, N) mask, True where a query may attend. Each segment's queries run at
+    their heads' ranks (:func:`segment_ranks`, capped at W); the query heads of a group are stacked as rows, so the
+    keys are read once per key/value head. Returns (B, H, t, d)."""
+    B, H, t, d = q.shape
+    hkv, width, n = kt.shape[1], kt.shape[2], kt.shape[3]
+    g, T = H // hkv, layer.segment
+    ranks = segment_ranks(layer, (start + t - 1) // T + 1)
+    pq = layer.pq.to(q.dtype)
+    scale = 1.0 / math.sqrt(d)
+    pos = torch.arange(start, start + t, device=q.device)
+    allowed = mask if mask is not None else (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
+    outs = []
+    for s in range(start // T, (start + t - 1) // T + 1):
+        a, b = max(s * T, start) - start, min((s + 1) * T, start + t) - start
+        qs = q[:, :, a:b].unflatten(1, (hkv, g))  # (B, H_kv, g, n, d)
+        rows = allowed[..., a:b, :].repeat(1, 1, g, 1) if allowed.shape[-2] > 1 else allowed  # group rows
+        hr = ranks[s]
+        groups = [(0, hkv, hr[0])] if len(set(hr)) == 1 else [(j, j + 1, r) for j, r in enumerate(hr)]
+        ys = []
+        for h0, h1, r in groups:
+            r = min(r, width)
+            qr = torch.einsum("bkgnd,kdr->bkgnr", qs[:, h0:h1], pq[h0:h1, :, :r]).flatten(2, 3)
+            scores = (qr @ kt[:, h0:h1, :r]) * scale  # (B, k, g·n, N)
+            scores = scores.masked_fill(~rows, float("-inf"))
+            p = scores.softmax(-1).nan_to_num(0.0)  # a fully masked (padding) row attends to nothing
+            ys.append((p @ v[:, h0:h1]).unflatten(2, (g, b - a)))  # (B, k, g, n, d)
+        outs.append(torch.cat(ys, 1).flatten(1, 2))
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
 
 
 class ExportedLowRankAttention(Attention):
