@@ -44,8 +44,11 @@ def test_readme_python_snippet_runs(code, tmp_path, monkeypatch, capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     if "logits" in namespace:
         assert namespace["logits"].shape == (1, 7, 50304)
-    if "layers" in namespace:  # the Hugging Face surgery snippet
+    if "layers" in namespace:  # the Hugging Face surgery snippet, then generation through the low-rank cache
         assert len(namespace["layers"]) == 30 and namespace["layers"][0].last_plan.ranks == [48] * 4
+        n = namespace["new_tokens"].shape[1] - 64  # 16 unless the model stopped at its end-of-text token
+        stats = namespace["model"].model.layers[0].self_attn.drrl_attention.pop_stats()
+        assert 1 <= n <= 16 and stats["hf_cache_calls"] == n - 1 and not stats.get("hf_exact_calls")
     if "result" in namespace:
         assert namespace["result"]["ppl"] > 1 and "again from the checkpoint" in capsys.readouterr().out
         assert (tmp_path / "runs" / "readme" / "eval.json").is_file()

@@ -16,6 +16,7 @@ EPILOG = """examples:
   drrl compress --method all --flops-ratio 0.7,0.56,0.5 --out runs/compress
   drrl train configs/shakespeare-deltanet-tiny.yaml --out runs/deltanet
   drrl prune runs/deltanet --selector all --ratio 0.25,0.5,0.75 --out runs/prune
+  drrl generate --prompt "To be, or not to be" --budget 0.4   # keys cached at rank
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --set train.max_steps=50
   drrl train configs/shakespeare-gpt-tiny.yaml --out runs/tiny --resume
   torchrun --standalone --nproc_per_node 2 -m drrl train configs/shakespeare-gpt-tiny.yaml --out runs/ddp
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_classify,
         _add_compress,
         _add_prune,
+        _add_generate,
         _add_info,
     ):
         add(sub, quiet)
@@ -304,6 +306,32 @@ def _add_prune(sub, quiet: argparse.ArgumentParser) -> None:
     pr.add_argument("--out", default="runs/prune", help="output folder (default: runs/prune)")
 
 
+def _add_generate(sub, quiet: argparse.ArgumentParser) -> None:
+    """``drrl generate``."""
+    g = sub.add_parser(
+        "generate",
+        parents=[quiet],
+        help="generate text with the keys cached at rank (Hugging Face generate() through a low-rank cache)",
+        description="Calibrate DR-RL bases on a few training windows, then generate from the prompt through a cache "
+        "that keeps each layer's keys in its basis at width r_l: --rank R for every layer, --budget B for a rank "
+        "per layer that cuts the key-cache bytes by B (least Fisher KL estimate), neither for full width. Streams "
+        "the tokens, then one line: prompt and new tokens, decode tokens/s, prefill time, cache MB against dense.",
+    )
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
+    g.add_argument("--model", help="Hugging Face causal LM folder or hub name (default: the embedded SmolLM2-135M)")
+    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default: 64)")
+    rank = g.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help="every layer's key width and query rank, 1..head_dim")
+    rank.add_argument("--budget", type=float, help="cut of the key-cache bytes in [0, 1), e.g. 0.4")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--corpus", default="shakespeare", help="calibration corpus (default: shakespeare)")
+    g.add_argument("--calib-windows", type=_positive, default=2, help="calibration windows (default: 2)")
+    g.add_argument("--calib-context", type=_positive, default=512, help="tokens per calibration window (default: 512)")
+
+
 def _add_info(sub, quiet: argparse.ArgumentParser) -> None:
     """``drrl info``."""
     sub.add_parser(
@@ -432,6 +460,28 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from drrl.config import from_dict
+    from drrl.errors import DataError
+    from drrl.recipes.generate import GenerateConfig, run_generate, summary
+
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the prompt file {args.prompt_file!r} ({e}); pass a UTF-8 text file") from None
+    cfg = from_dict(
+        GenerateConfig,
+        dict(prompt=prompt, model=args.model, max_new_tokens=args.max_new_tokens, rank=args.rank, budget=args.budget,
+             temperature=args.temperature, seed=args.seed, corpus=args.corpus, calib_windows=args.calib_windows,
+             calib_context=args.calib_context),
+    )  # fmt: skip
+    res = run_generate(cfg, stream=True)
+    print(summary(res))
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -472,6 +522,7 @@ COMMANDS = {
     "classify": cmd_classify,
     "compress": cmd_compress,
     "prune": cmd_prune,
+    "generate": cmd_generate,
     "train": cmd_train,
     "eval": cmd_eval,
     "data": cmd_data,
