@@ -111,3 +111,21 @@ def test_planning_overhead_benchmark_writes_its_schema(tmp_path, capsys, tiny_mo
         assert 0 < r["policy_s"] <= r["plan_s"] < r["drrl_forward_s"] and 0 < r["plan_fraction"] < 1
         assert r["policy_passes_s"]["extend"] > 0 and r["policy_passes_s"]["re-encode"] > 0
     assert "| 64 |" in capsys.readouterr().out
+
+
+def test_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("generate")
+    out = tmp_path / "g.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--lengths", "40", "--batches", "1,2",
+                       "--new-tokens", "5", "--ranks", "8,16", "--budget", "0.4", "--calib-context", "64",
+                       "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    rows = {(r["batch"], r["method"]): r for r in data["rows"]}
+    assert {m for _, m in rows} == {"dense", "rank 8", "rank 16", "alloc@40%"}
+    for b in (1, 2):
+        full = rows[(b, "rank 16")]  # full width: the dense model's tokens and distributions
+        assert full["greedy_agreement"] == 1 and full["mean_kl"] < 1e-6 and full["cache_ratio"] == 1
+        half = rows[(b, "rank 8")]
+        assert half["cache_ratio"] == pytest.approx(0.75) and half["bytes_limit"] > 1 and half["mean_kl"] > 0
+        assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for (bb, _), r in rows.items() if bb == b)
+    assert "| alloc@40% |" in capsys.readouterr().out
