@@ -123,6 +123,13 @@ def test_cache_bytes_from_tensors_equal_the_formula():
     assert cache.nbytes() == per_token * 3 * 31
     assert cache.nbytes() < cache_bytes_per_token(model, None, bytes_per_value=8) * 3 * 31
     assert LowRankCache(model, widths=4).widths == {0: 4, 1: 4}
+    narrow = LowRankCache(model, widths=4)  # narrower than the table's ranks: capped, counted
+    for m in layers:
+        m.pop_stats()
+    with torch.no_grad():
+        model(ids, use_cache=True, **{cache_kwarg(): narrow})
+        model(ids[:, :1], use_cache=True, **{cache_kwarg(): narrow})
+    assert layers[0].pop_stats()["hf_cache_capped"] == 1 and layers[1].pop_stats()["hf_cache_capped"] == 1
     assert LowRankCache(model, widths={1: 16}).widths == {0: 8, 1: 16}
 
 

@@ -4,6 +4,7 @@ layer with physically smaller maps."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from drrl.controllers import SegmentStats
 
 if TYPE_CHECKING:
     from drrl.attention.drrl.layer import DynamicLowRankAttention
+
+log = logging.getLogger(__name__)
 
 
 class LowRankKVCache:
@@ -75,7 +78,8 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
     ``q`` (B, H, t, d) post-RoPE; ``kt`` (B, H_kv, W, N) the cached keys times P_k (unscaled), transposed so that a
     rank-r read is r contiguous rows (W ≥ r: the cache's width); ``v`` (B, H_kv, N, d); ``mask`` None (causal by
     position) or a boolean (B or 1, 1, t, N) mask, True where a query may attend. Each segment's queries run at
-    their heads' ranks (:func:`segment_ranks`, capped at W); the query heads of a group are stacked as rows, so the
+    their heads' ranks (:func:`segment_ranks`; a rank above W runs at W, counted as ``hf_cache_capped`` and warned
+    about once per layer); the query heads of a group are stacked as rows, so the
     keys are read once per key/value head. Returns (B, H, t, d)."""
     B, H, t, d = q.shape
     hkv, width, n = kt.shape[1], kt.shape[2], kt.shape[3]
@@ -94,7 +98,12 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
         groups = [(0, hkv, hr[0])] if len(set(hr)) == 1 else [(j, j + 1, r) for j, r in enumerate(hr)]
         ys = []
         for h0, h1, r in groups:
-            r = min(r, width)
+            if r > width:  # the controller asks for more than the cache keeps: counted, warned once per layer
+                layer._totals["hf_cache_capped"] += 1
+                if not getattr(layer, "_warned_capped", False):
+                    layer._warned_capped = True
+                    log.warning("layer %d: rank %d capped at the cache's key width %d", layer.layer_idx, r, width)
+                r = width
             qr = torch.einsum("bkgnd,kdr->bkgnr", qs[:, h0:h1], pq[h0:h1, :, :r]).flatten(2, 3)
             scores = (qr @ kt[:, h0:h1, :r]) * scale  # (B, k, g·n, N)
             scores = scores.masked_fill(~rows, float("-inf"))

@@ -374,7 +374,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         the algorithmic FLOPs by category beside those of full attention at the same shapes, ``full_*``)."""
         t, self._totals = self._totals, Counter()
         if not t["segments"]:
-            return {k: t[k] for k in ("hf_exact_calls", "hf_cache_calls") if t[k]}
+            return {k: t[k] for k in ("hf_exact_calls", "hf_cache_calls", "hf_cache_capped") if t[k]}
         out = {
             "mean_rank": t["rank_tokens"] / t["tokens"],  # token-weighted
             "segments": t["segments"],
@@ -392,6 +392,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             "planned_score_flops": t["planned_scores"],
             "hf_exact_calls": t["hf_exact_calls"],  # calls a Hugging Face wrapper ran exactly (padding, HF cache)
             "hf_cache_calls": t["hf_cache_calls"],  # calls against keys kept at rank (drrl.integrations.cache)
+            "hf_cache_capped": t["hf_cache_capped"],  # of their (segment, head group) runs, those capped at its width
             # mean executed rank of each segment index (0, 1, ...) over the sequences since the last call
             "segment_ranks": [t[f"seg_rank:{i}"] / t[f"seg_n:{i}"] for i in range(_n_segments(t))],
         }
