@@ -129,3 +129,30 @@ def test_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, 
         assert half["cache_ratio"] == pytest.approx(0.75) and half["bytes_limit"] > 1 and half["mean_kl"] > 0
         assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for (bb, _), r in rows.items() if bb == b)
     assert "| alloc@40% |" in capsys.readouterr().out
+
+
+def test_passkey_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("passkey")
+    out = tmp_path / "p.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--lengths", "60,90", "--depths", "0.2,0.8",
+                       "--keys", "1", "--ranks", "16", "--budget", "0.4", "--calib-context", "64",
+                       "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert [r["length"] for r in data["rows"]] == [60, 90] and all(r["trials"] == 2 for r in data["rows"])
+    for t in data["trials"]:
+        assert abs(t["tokens"] - t["length"]) <= 2 and set(t["answers"]) == {"dense", "rank 16", "alloc@40%"}
+        assert t["answers"]["rank 16"] == t["answers"]["dense"]  # full width answers as the dense model does
+        assert t["passed"]["dense"] == (str(t["key"]) in t["answers"]["dense"])
+    assert "| prompt tokens |" in capsys.readouterr().out
+
+
+def test_passkey_prompt_hides_the_key_at_its_depth(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    bench = load_script("passkey")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for depth in (0.1, 0.5, 0.9):
+        text = tok.decode(bench.prompt_ids(tok, 400, depth, 12345)[0])
+        assert text.count("12345") == 2 and text.endswith(bench.QUESTION)
+        where = text.index("12345") / len(text)
+        assert abs(where - depth) < 0.1, (depth, where)
