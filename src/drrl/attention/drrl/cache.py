@@ -89,6 +89,7 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
     scale = 1.0 / math.sqrt(d)
     pos = torch.arange(start, start + t, device=q.device)
     allowed = mask if mask is not None else (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
+    masked = mask is not None or t > 1  # one query without padding sees every cached key: no mask to apply
     outs = []
     for s in range(start // T, (start + t - 1) // T + 1):
         a, b = max(s * T, start) - start, min((s + 1) * T, start + t) - start
@@ -104,10 +105,13 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
                     layer._warned_capped = True
                     log.warning("layer %d: rank %d capped at the cache's key width %d", layer.layer_idx, r, width)
                 r = width
-            qr = torch.einsum("bkgnd,kdr->bkgnr", qs[:, h0:h1], pq[h0:h1, :, :r]).flatten(2, 3)
-            scores = (qr @ kt[:, h0:h1, :r]) * scale  # (B, k, g·n, N)
-            scores = scores.masked_fill(~rows, float("-inf"))
-            p = scores.softmax(-1).nan_to_num(0.0)  # a fully masked (padding) row attends to nothing
+            qr = torch.einsum("bkgnd,kdr->bkgnr", qs[:, h0:h1], pq[h0:h1, :, :r]).flatten(2, 3) * scale
+            scores = qr @ kt[:, h0:h1, :r]  # (B, k, g·n, N)
+            if masked:
+                scores = scores.masked_fill(~rows, float("-inf"))
+            p = scores.softmax(-1)
+            if mask is not None:
+                p = p.nan_to_num(0.0)  # a fully masked (padding) row attends to nothing
             ys.append((p @ v[:, h0:h1]).unflatten(2, (g, b - a)))  # (B, k, g, n, d)
         outs.append(torch.cat(ys, 1).flatten(1, 2))
     return torch.cat(outs, 2) if len(outs) > 1 else outs[0]
