@@ -283,7 +283,8 @@ def naive_lowrank_attention(q, k, v, plan: Plan, segment: int, causal: bool = Tr
                 qs, ks = q[:, :, a:b], k.repeat_interleave(g, 1)
             else:  # each key/value head (and its group's query heads) at its own rank: zero the columns past it
                 hr = plan.head_ranks[s] if plan.head_ranks is not None else (plan.ranks[s],) * k.shape[1]
-                keep = (torch.arange(blk.maps[0].shape[-1]) < torch.tensor(hr)[:, None]).to(q.dtype)  # (H_kv, r_max)
+                cols = torch.arange(blk.maps[0].shape[-1], device=blk.maps[0].device)
+                keep = (cols < torch.tensor(hr, device=cols.device)[:, None]).to(q.dtype)  # (H_kv, r_max)
                 pq, pk = (m.to(q.dtype) * keep[:, None, :] for m in blk.maps)
                 qs = torch.einsum("bhld,hdr->bhlr", q[:, :, a:b], pq.repeat_interleave(g, 0))
                 ks = torch.einsum("bhld,hdr->bhlr", k, pk).repeat_interleave(g, 1)
