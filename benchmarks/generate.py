@@ -3,7 +3,8 @@ through Hugging Face ``generate()``.
 
     python benchmarks/generate.py [--lengths 2048,4096,8192] [--batches 1,8] [--new-tokens 128] [--json OUT]
 
-Model: SmolLM2-135M (embedded) with DR-RL attention calibrated as in ``drrl generate`` (2 windows of 512 tokens of
+A prompt length whose prompt and new tokens exceed the model's positions is shortened to fit. Model: SmolLM2-135M
+(embedded) with DR-RL attention calibrated as in ``drrl generate`` (2 windows of 512 tokens of
 the first half of the training split). Prompts: windows of the held-out test plays, a different one per sequence of a
 batch. Rows, each timed with its own cache: ``dense`` (the unpatched model, transformers' DynamicCache), ``rank R``
 (every layer's keys at width R, a fixed rank) and ``alloc@B`` (a rank per layer cutting the key bytes by B, from the
@@ -117,7 +118,12 @@ def main(argv=None) -> dict:
 
     test = load_tokens(args.corpus, "test", get_tokenizer("hf:" + llm.path))
     rows = []
+    limit = getattr(dense_model.config, "max_position_embeddings", None) or 10**9
     for length in (int(x) for x in args.lengths.split(",")):
+        if length + args.new_tokens > limit:  # stay within the positions the model was trained on
+            print(f"prompt {length} + {args.new_tokens} new tokens exceed the model's {limit} positions: "
+                  f"prompt {limit - args.new_tokens}")  # fmt: skip
+            length = limit - args.new_tokens
         for batch in (int(x) for x in args.batches.split(",")):
             ids = torch.stack(spread_windows(test, batch, length)).long()
             runs: dict[str, list] = {name: [] for name in ["dense", *tables]}

@@ -5,8 +5,9 @@ through ``generate()``, for the dense model and each low-rank row (the check use
 
 The prompt is the classic one: repeated filler sentences ("The grass is green. The sky is blue. ..."), with "The pass
 key is N. Remember it. N is the pass key." inserted at a depth (a fraction of the filler), then "What is the pass
-key? The pass key is". A trial passes when the first 8 greedy tokens contain N. Rows as in ``benchmarks/generate.py``
-(dense, a fixed key width per ``--ranks``, the per-layer allocation at ``--budget``), calibrated the same way.
+key? The pass key is" (a prompt is shortened so that it and the 8 answer tokens fit the model's positions). A trial
+passes when the first 8 greedy tokens contain N. Rows as in ``benchmarks/generate.py`` (dense, a fixed key width per
+``--ranks``, the per-layer allocation at ``--budget``), calibrated the same way.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main(argv=None) -> dict:
     dense = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32, attn_implementation="sdpa").eval()
     rng = random.Random(0)
     trials = []
+    limit = getattr(dense.config, "max_position_embeddings", None) or 10**9
     for length in (int(x) for x in args.lengths.split(",")):
+        length = min(length, limit - 8)  # the answer's 8 tokens stay within the model's positions
         for depth in (float(x) for x in args.depths.split(",")):
             for _ in range(args.keys):
                 key = rng.randint(10000, 99999)
