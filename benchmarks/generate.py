@@ -4,8 +4,8 @@ through Hugging Face ``generate()``.
     python benchmarks/generate.py [--lengths 2048,4096,8192] [--batches 1,8] [--new-tokens 128] [--json OUT]
 
 A prompt length whose prompt and new tokens exceed the model's positions is shortened to fit. Model: SmolLM2-135M
-(embedded) with DR-RL attention calibrated as in ``drrl generate`` (2 windows of 512 tokens of
-the first half of the training split). Prompts: windows of the held-out test plays, a different one per sequence of a
+(embedded) with DR-RL attention calibrated as in ``drrl generate``: 2 windows of the first half of the training split,
+as long as the longest prompt and its new tokens (bases calibrated on shorter windows serve later positions badly). Prompts: windows of the held-out test plays, a different one per sequence of a
 batch. Rows, each timed with its own cache: ``dense`` (the unpatched model, transformers' DynamicCache), ``rank R``
 (every layer's keys at width R, a fixed rank) and ``alloc@B`` (a rank per layer cutting the key bytes by B, from the
 Fisher estimates: ``drrl generate --budget B``). Per row:
@@ -14,8 +14,9 @@ Fisher estimates: ``drrl generate --budget B``). Per row:
   * ``cache_bytes`` measured from the cache's tensors at the end;
   * ``bytes_limit``: (weights + dense cache bytes read per step) / (weights + this row's cache bytes read per step),
     at the mean cached length of the decode steps: the speed-up a memory-bound step could reach;
-  * quality against dense: ``greedy_agreement`` (share of the new tokens equal to dense's, position by position) and
-    ``mean_kl`` (KL(dense ‖ row) of the next-token distributions, teacher-forced on dense's tokens).
+  * quality against dense: ``greedy_agreement`` (share of the new tokens equal to dense's, position by position: one
+    early divergence sends the rest apart), and, teacher-forced on dense's tokens, ``top1_agreement`` (share of
+    steps whose argmax is dense's token) and ``mean_kl`` (KL(dense ‖ row) of the next-token distributions).
 The variants run one after another per (length, batch); ``--repeats`` alternates them that many times and keeps the
 median times.
 """
@@ -73,18 +74,20 @@ def _cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def _teacher_forced_kl(model, ids, dense_tokens, dense_logits, cache) -> float:
-    """Mean KL(dense ‖ model) of the next-token distributions along dense's greedy tokens."""
+def _teacher_forced(model, ids, dense_tokens, dense_logits, cache) -> tuple[float, float]:
+    """Along dense's greedy tokens: the mean KL(dense ‖ model) of the next-token distributions, and the share of
+    steps whose argmax equals dense's token."""
     kw = {cache_kwarg(): cache}
-    kls = []
+    kls, hits = [], []
     with torch.no_grad():
         logits = model(ids, use_cache=True, **kw).logits[:, -1]
         for i, dense in enumerate(dense_logits):
             p = F.log_softmax(dense.float(), -1)
             kls.append((p.exp() * (p - F.log_softmax(logits.float(), -1))).sum(-1).mean().item())
+            hits.append((logits.argmax(-1) == dense_tokens[:, i]).float().mean().item())
             if i + 1 < len(dense_logits):
                 logits = model(dense_tokens[:, i : i + 1], use_cache=True, **kw).logits[:, -1]
-    return sum(kls) / len(kls)
+    return sum(kls) / len(kls), sum(hits) / len(hits)
 
 
 def main(argv=None) -> dict:
@@ -96,20 +99,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ranks", default="32,48", help="fixed key widths")
     ap.add_argument("--budget", type=float, default=0.4, help="key-bytes cut of the per-layer allocation (0: none)")
-    ap.add_argument("--calib-context", type=int, default=512)
+    ap.add_argument("--calib-context", type=int, default=None,
+                    help="tokens per calibration window (default: the longest prompt and its new tokens)")  # fmt: skip
     ap.add_argument("--calib-windows", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="alternations of the variants (median times)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    llm = calibrated_llm(args.model, corpus=args.corpus, context=args.calib_context, calib_windows=args.calib_windows,
+    lengths = [int(x) for x in args.lengths.split(",")]
+    context = args.calib_context or max(lengths) + args.new_tokens  # bases that have seen every position generated
+    llm = calibrated_llm(args.model, corpus=args.corpus, context=context, calib_windows=args.calib_windows,
                          test_windows=1)  # fmt: skip
     model, layers = llm.model, llm.layers
     d = layers[0].d_head
     tables = {f"rank {r}": [[int(r)]] * len(layers) for r in args.ranks.split(",") if r}
     if args.budget > 0:
-        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, llm.calib[:1], args.budget)
+        fit = [w[:2049] for w in llm.calib[:1]]  # the Fisher table from (at most) a window's first 2048 tokens
+        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, fit, args.budget)
     from transformers import AutoModelForCausalLM, DynamicCache
 
     dense_model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -119,7 +126,7 @@ def main(argv=None) -> dict:
     test = load_tokens(args.corpus, "test", get_tokenizer("hf:" + llm.path))
     rows = []
     limit = getattr(dense_model.config, "max_position_embeddings", None) or 10**9
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in lengths:
         if length + args.new_tokens > limit:  # stay within the positions the model was trained on
             print(f"prompt {length} + {args.new_tokens} new tokens exceed the model's {limit} positions: "
                   f"prompt {limit - args.new_tokens}")  # fmt: skip
@@ -150,27 +157,29 @@ def main(argv=None) -> dict:
                 }  # fmt: skip
                 if name == "dense":
                     row.update(cache_bytes=dense_bytes, cache_ratio=1.0, bytes_limit=1.0, greedy_agreement=1.0,
-                               mean_kl=0.0)  # fmt: skip
+                               top1_agreement=1.0, mean_kl=0.0)  # fmt: skip
                 else:
                     cache = rs[0][3]
                     attach_controller(layers, TableController(tables[name]))
                     read = cache_bytes_per_token(model, cache.widths, 4) * mean_len * batch
                     new = out.sequences[:, length:]
+                    kl, top1 = _teacher_forced(model, ids, dense_new, dense_out.logits, LowRankCache(model))
                     row.update(
                         cache_bytes=cache.nbytes(), cache_ratio=cache.nbytes() / dense_bytes,
                         bytes_limit=(weights + dense_read) / (weights + read),
                         greedy_agreement=(new == dense_new).float().mean().item(),
-                        mean_kl=_teacher_forced_kl(model, ids, dense_new, dense_out.logits, LowRankCache(model)),
+                        top1_agreement=top1, mean_kl=kl,
                         widths=cache.widths,
                     )  # fmt: skip
                 row["speedup"] = row["decode_tokens_per_s"] / statistics.median(r[2] for r in runs["dense"])
                 rows.append(row)
-    print("| prompt | batch | method | prefill s | decode tok/s | × dense | bytes limit | cache × | agreement | KL |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| prompt | batch | method | prefill s | decode tok/s | × dense | bytes limit | cache × | greedy agreement "
+          "| top-1 agreement | KL |")  # fmt: skip
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['length']} | {r['batch']} | {r['method']} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} "
               f"| {r['speedup']:.2f} | {r['bytes_limit']:.2f} | {r['cache_ratio']:.3f} | {r['greedy_agreement']:.3f} "
-              f"| {r['mean_kl']:.4f} |")  # fmt: skip
+              f"| {r['top1_agreement']:.3f} | {r['mean_kl']:.4f} |")  # fmt: skip
     out = {"machine": machine(), "weights_bytes": weights, "rows": rows, "seconds": time.perf_counter() - t_start,
            "args": vars(args), "head_dim": d}  # fmt: skip
     if args.json:

@@ -124,7 +124,8 @@ def test_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, 
     assert {m for _, m in rows} == {"dense", "rank 8", "rank 16", "alloc@40%"}
     for b in (1, 2):
         full = rows[(b, "rank 16")]  # full width: the dense model's tokens and distributions
-        assert full["greedy_agreement"] == 1 and full["mean_kl"] < 1e-6 and full["cache_ratio"] == 1
+        assert full["greedy_agreement"] == full["top1_agreement"] == 1 and full["mean_kl"] < 1e-6
+        assert full["cache_ratio"] == 1
         half = rows[(b, "rank 8")]
         assert half["cache_ratio"] == pytest.approx(0.75) and half["bytes_limit"] > 1 and half["mean_kl"] > 0
         assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for (bb, _), r in rows.items() if bb == b)

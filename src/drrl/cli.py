@@ -329,7 +329,9 @@ def _add_generate(sub, quiet: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     g.add_argument("--corpus", default="shakespeare", help="calibration corpus (default: shakespeare)")
     g.add_argument("--calib-windows", type=_positive, default=2, help="calibration windows (default: 2)")
-    g.add_argument("--calib-context", type=_positive, default=512, help="tokens per calibration window (default: 512)")
+    g.add_argument("--calib-context", type=_positive, default=None,
+                   help="tokens per calibration window (default: the prompt's and the new tokens', at least 512: "
+                   "the bases must have seen the positions generation reaches)")  # fmt: skip
 
 
 def _add_info(sub, quiet: argparse.ArgumentParser) -> None:

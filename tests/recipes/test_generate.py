@@ -17,8 +17,8 @@ LINE = re.compile(
 
 
 def cfg(tiny_model_dir, text_corpus, **kw):
-    return GenerateConfig(prompt=PROMPT, model=tiny_model_dir, corpus=text_corpus, calib_context=64,
-                          **{"max_new_tokens": 12, **kw})  # fmt: skip
+    return GenerateConfig(prompt=PROMPT, model=tiny_model_dir, corpus=text_corpus,
+                          **{"max_new_tokens": 12, "calib_context": 64, **kw})  # fmt: skip
 
 
 def test_full_width_generation_is_the_dense_models(tiny_model_dir, text_corpus):
@@ -34,10 +34,12 @@ def test_full_width_generation_is_the_dense_models(tiny_model_dir, text_corpus):
     assert res["text"] == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert res["widths"] == {0: 16, 1: 16} and res["cache_bytes"] == res["dense_cache_bytes"]
     assert res["prompt_tokens"] == ids.shape[1] and res["new_tokens"] == 12
+    assert res["calib_context"] == 64  # as configured
 
 
 def test_rank_and_budget_shrink_the_measured_cache(tiny_model_dir, text_corpus):
-    res = run_generate(cfg(tiny_model_dir, text_corpus, rank=8), stream=False)
+    res = run_generate(cfg(tiny_model_dir, text_corpus, rank=8, calib_context=None), stream=False)
+    assert res["calib_context"] == 512  # by default the windows cover the positions generated (at least 512)
     assert res["cache_bytes"] / res["dense_cache_bytes"] == pytest.approx((8 + 16) / 32)
     res = run_generate(cfg(tiny_model_dir, text_corpus, budget=0.4), stream=False)
     assert sum(res["widths"].values()) <= 0.6 * 32 + 1e-9 and set(res["widths"].values()) <= {4, 8, 12, 16}
