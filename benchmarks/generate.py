@@ -107,7 +107,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    from transformers import AutoConfig
+
+    from drrl.integrations.hub import resolve_model
+
+    mcfg = AutoConfig.from_pretrained(resolve_model(args.model))
+    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 10**9
+    lengths = [min(int(x), limit - args.new_tokens) for x in args.lengths.split(",")]  # within the model's positions
     context = args.calib_context or max(lengths) + args.new_tokens  # bases that have seen every position generated
     llm = calibrated_llm(args.model, corpus=args.corpus, context=context, calib_windows=args.calib_windows,
                          test_windows=1)  # fmt: skip
@@ -125,12 +131,7 @@ def main(argv=None) -> dict:
 
     test = load_tokens(args.corpus, "test", get_tokenizer("hf:" + llm.path))
     rows = []
-    limit = getattr(dense_model.config, "max_position_embeddings", None) or 10**9
     for length in lengths:
-        if length + args.new_tokens > limit:  # stay within the positions the model was trained on
-            print(f"prompt {length} + {args.new_tokens} new tokens exceed the model's {limit} positions: "
-                  f"prompt {limit - args.new_tokens}")  # fmt: skip
-            length = limit - args.new_tokens
         for batch in (int(x) for x in args.batches.split(",")):
             ids = torch.stack(spread_windows(test, batch, length)).long()
             runs: dict[str, list] = {name: [] for name in ["dense", *tables]}
