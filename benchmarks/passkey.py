@@ -7,7 +7,7 @@ The prompt is the classic one: repeated filler sentences ("The grass is green. T
 key is N. Remember it. N is the pass key." inserted at a depth (a fraction of the filler), then "What is the pass
 key? The pass key is" (a prompt is shortened so that it and the 8 answer tokens fit the model's positions). A trial
 passes when the first 8 greedy tokens contain N. Rows as in ``benchmarks/generate.py`` (dense, a fixed key width per
-``--ranks``, the per-layer allocation at ``--budget``), calibrated the same way.
+``--ranks``, the per-layer allocation at ``--budget``), calibrated the same way (windows as long as the longest prompt).
 """
 
 from __future__ import annotations
@@ -58,26 +58,34 @@ def main(argv=None) -> dict:
     ap.add_argument("--keys", type=int, default=2, help="random 5-digit keys per (length, depth)")
     ap.add_argument("--ranks", default="32,48", help="fixed key widths")
     ap.add_argument("--budget", type=float, default=0.4, help="key-bytes cut of the per-layer allocation (0: none)")
-    ap.add_argument("--calib-context", type=int, default=512)
+    ap.add_argument("--calib-context", type=int, default=None,
+                    help="tokens per calibration window (default: the longest prompt and its answer)")  # fmt: skip
     ap.add_argument("--calib-windows", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    llm = calibrated_llm(args.model, corpus=args.corpus, context=args.calib_context, calib_windows=args.calib_windows,
+    from transformers import AutoConfig
+
+    from drrl.integrations.hub import resolve_model
+
+    mcfg = AutoConfig.from_pretrained(resolve_model(args.model))
+    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 10**9
+    lengths = [min(int(x), limit - 8) for x in args.lengths.split(",")]  # the 8 answer tokens within the positions
+    context = args.calib_context or max(lengths) + 8  # bases that have seen every position the answer reaches
+    llm = calibrated_llm(args.model, corpus=args.corpus, context=context, calib_windows=args.calib_windows,
                          test_windows=1)  # fmt: skip
     model, layers = llm.model, llm.layers
     tables = {f"rank {r}": [[int(r)]] * len(layers) for r in args.ranks.split(",") if r}
     if args.budget > 0:
-        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, llm.calib[:1], args.budget)
+        fit = [w[:2049] for w in llm.calib[:1]]  # the Fisher table from (at most) a window's first 2048 tokens
+        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, fit, args.budget)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(llm.path)
     dense = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32, attn_implementation="sdpa").eval()
     rng = random.Random(0)
     trials = []
-    limit = getattr(dense.config, "max_position_embeddings", None) or 10**9
-    for length in (int(x) for x in args.lengths.split(",")):
-        length = min(length, limit - 8)  # the answer's 8 tokens stay within the model's positions
+    for length in lengths:
         for depth in (float(x) for x in args.depths.split(",")):
             for _ in range(args.keys):
                 key = rng.randint(10000, 99999)
