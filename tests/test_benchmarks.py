@@ -157,3 +157,14 @@ def test_passkey_prompt_hides_the_key_at_its_depth(tiny_model_dir):
         assert text.count("12345") == 2 and text.endswith(bench.QUESTION)
         where = text.index("12345") / len(text)
         assert abs(where - depth) < 0.1, (depth, where)
+
+
+def test_calibration_length_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("calibration_length")
+    out = tmp_path / "c.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--rank", "8", "--calib-lengths", "32,96",
+                       "--length", "96", "--bin", "32", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert [r["calib_length"] for r in data["rows"]] == [32, 96]
+    assert all(len(r["kl_by_bin"]) == 3 and r["kl"] > 0 for r in data["rows"])
+    assert "| 96 |" in capsys.readouterr().out
