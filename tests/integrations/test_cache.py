@@ -148,6 +148,9 @@ def test_the_cache_switch_and_the_warned_exact_fallback(caplog):
     assert torch.equal(greedy(model, p, n=8), plain)
     st = layers[0].pop_stats()
     assert st.get("hf_exact_calls", 0) == 0 and st["hf_cache_calls"] == 7
+    apply_dynamic_rank(model, controller="fixed", rank=D, segment=8, bucket=4)  # cache=False turns the switch off
+    assert "generate" not in vars(model)
+    apply_dynamic_rank(model, controller="fixed", rank=D, segment=8, bucket=4, cache=True)
     remove_dynamic_rank(model)
     assert "generate" not in vars(model)
 

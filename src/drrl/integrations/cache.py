@@ -2,7 +2,7 @@
 
 >>> layers = apply_dynamic_rank(model, controller="fixed", rank=32)   # drrl.integrations.hf
 >>> with calibrating(model): model(calibration_ids)
->>> out = model.generate(ids, max_new_tokens=64, past_key_values=LowRankCache(model))
+>>> out = model.generate(ids, max_new_tokens=64, cache=LowRankCache(model))  # older transformers: past_key_values=
 
 Each layer of :class:`LowRankCache` stores its post-RoPE keys multiplied by the layer's calibrated key basis P_k,
 at width r_l (the most that layer's controller can ask for, or what ``widths`` says), once per key/value head, and
@@ -82,7 +82,8 @@ class LowRankCache(Cache):
     """The cache of a model whose attention :func:`~drrl.integrations.hf.apply_dynamic_rank` replaced, with keys at
     rank per layer (see the module docstring). ``widths``: one width for every layer, a {layer index: width} map,
     or None for each layer's widest rank its controller can choose (a fixed rank or a rank table: the largest rank
-    in its row; a controller that reads statistics: r_max). Pass it to ``generate(past_key_values=...)``."""
+    in its row; a controller that reads statistics: r_max). Pass it as ``generate``'s cache
+    (:func:`drrl.integrations.hf.cache_kwarg` names the argument)."""
 
     def __init__(self, model, widths: int | dict[int, int] | None = None):
         from drrl.integrations.hf import attention_modules

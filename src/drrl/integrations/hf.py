@@ -14,8 +14,8 @@ the joint factorisation of the group's stacked score matrices, so a decode cache
 once per KV head (:func:`cache_bytes_per_token`).
 
 Generation runs at low rank through :class:`drrl.integrations.cache.LowRankCache`, which keeps keys at rank
-(``generate(..., past_key_values=LowRankCache(model))``, or ``apply_dynamic_rank(..., cache=True)`` to make it
-``generate``'s default). Without it, calls with an attention mask (padding) or with fewer queries than keys
+(pass it as ``generate``'s cache: ``cache=`` in recent transformers, ``past_key_values=`` in older ones, as
+:func:`cache_kwarg` tells; or ``apply_dynamic_rank(..., cache=True)`` to make it ``generate``'s default). Without it, calls with an attention mask (padding) or with fewer queries than keys
 (generation through Hugging Face's own KV cache) run exact attention; they are counted as ``hf_exact_calls`` in the
 layer's statistics and logged once per layer as a warning.
 """
@@ -132,8 +132,8 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
         if not getattr(core, "_warned_exact", False):
             core._warned_exact = True
             log.warning(
-                "layer %d: a call with %s ran exact attention; generate with past_key_values=LowRankCache(model) "
-                "(drrl.integrations.cache) to keep keys at rank",
+                "layer %d: a call with %s ran exact attention; to keep keys at rank, give generate a "
+                "drrl.integrations.LowRankCache(model) as its cache, or apply_dynamic_rank(..., cache=True)",
                 core.layer_idx,
                 "padding" if attention_mask is not None else "Hugging Face's own KV cache",
             )
@@ -200,13 +200,16 @@ def apply_dynamic_rank(
     if cache and not hasattr(model, "_drrl_generate"):
         model._drrl_generate = model.generate
         model.generate = functools.partial(_generate_low_rank, model)
+    elif not cache and hasattr(model, "_drrl_generate"):  # an earlier call's switch, turned off
+        del model.generate
+        del model._drrl_generate
     log.info("drrl attention in %d %s layers (H=%d, H_kv=%d, d=%d, %s)", len(layers), family, h, hkv, d, cfg)
     return layers
 
 
 def cache_kwarg() -> str:
-    """The name ``generate`` takes a cache by: ``cache`` in transformers 5 (``past_key_values`` is deprecated
-    there), ``past_key_values`` before."""
+    """The name ``generate`` takes a cache by: ``cache`` where transformers knows it (``past_key_values`` is
+    deprecated there), ``past_key_values`` in older releases."""
     from transformers.generation import utils
 
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
