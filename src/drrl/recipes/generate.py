@@ -139,7 +139,12 @@ def run_generate(cfg: GenerateConfig, *, stream: bool = True) -> dict:
             f"the prompt ({ids.shape[1]} tokens) and {cfg.max_new_tokens} new tokens exceed the model's {limit} "
             "positions; shorten the prompt or lower --max-new-tokens"
         )
-    context = cfg.calib_context or max(512, ids.shape[1] + cfg.max_new_tokens)
+    heads = getattr(mcfg, "num_attention_heads", None) or getattr(mcfg, "n_head", None)
+    width = getattr(mcfg, "hidden_size", None) or getattr(mcfg, "n_embd", None)
+    d = getattr(mcfg, "head_dim", None) or (width // heads if width and heads else None)
+    if cfg.rank is not None and d and not 0 < cfg.rank <= d:  # before the calibration's forward passes
+        raise DrrlError(f"rank must be in 1..{d} (the model's head dimension), got {cfg.rank}")
+    context = cfg.calib_context or min(max(512, ids.shape[1] + cfg.max_new_tokens), limit or 10**9)
     model, tok, widths = build(cfg, context)
     cache = LowRankCache(model, widths)
     clock = _Clock(TextStreamer(tok, skip_prompt=True) if stream else None)
