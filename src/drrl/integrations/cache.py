@@ -26,7 +26,8 @@ from drrl.errors import DrrlError
 
 class LowRankKeyLayer(DynamicLayer):
     """One layer's cache: keys in the layer's calibrated basis at width ``width`` (transposed), full-width values.
-    ``new_keys`` holds the last update's full-width keys, which a prefill runs its own plan on."""
+    ``new_keys`` holds the last update's full-width keys until the attention has read them (a prefill runs its own
+    plan on them)."""
 
     def __init__(self, core, width: int):
         super().__init__()

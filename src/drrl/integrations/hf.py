@@ -124,6 +124,7 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
     if cached is not None and key is cached.keys:  # keys kept at rank by drrl.integrations.cache.LowRankCache
         if attention_mask is None and cached.start == 0 and query.shape[2] == key.shape[-1]:
             out = core.attend(query, cached.new_keys, value)  # a prefill without padding: the layer's own plan
+            cached.new_keys = None  # full-width keys are not kept past the call that needs them
         else:
             core._totals["hf_cache_calls"] += 1
             out = attend_in_basis(core, query, key, value, cached.start, _bool_mask(attention_mask))
