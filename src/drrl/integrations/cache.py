@@ -41,6 +41,7 @@ class LowRankKeyLayer(DynamicLayer):
         self.core, self.width = core, width
         self.new_keys: torch.Tensor | None = None
         self.start = 0  # cached tokens before the last update
+        self.ranks: dict = {}  # segment count -> per-segment ranks (drrl.attention.drrl.cache.attend_in_basis)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -53,7 +54,7 @@ class LowRankKeyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         pk = self.core.pk[..., : self.width].to(key_states.dtype)
-        kt = torch.einsum("bhld,hdr->bhrl", key_states, pk)
+        kt = (key_states @ pk).transpose(-2, -1)  # (B, H_kv, width, t)
         self.start = self.keys.shape[-1]
         self.keys = torch.cat([self.keys, kt], -1)
         self.values = torch.cat([self.values, value_states], -2)
@@ -83,7 +84,8 @@ class LowRankCache(Cache):
     """The cache of a model whose attention :func:`~drrl.integrations.hf.apply_dynamic_rank` replaced, with keys at
     rank per layer (see the module docstring). ``widths``: one width for every layer, a {layer index: width} map,
     or None for each layer's widest rank its controller can choose (a fixed rank or a rank table: the largest rank
-    in its row; a controller that reads statistics: r_max). Pass it as ``generate``'s cache
+    in its row; a controller that reads statistics: r_max). A cache serves one generation under one controller
+    setting: it remembers the ranks it has asked for. Pass it as ``generate``'s cache
     (:func:`drrl.integrations.hf.cache_kwarg` names the argument)."""
 
     def __init__(self, model, widths: int | dict[int, int] | None = None):

@@ -127,7 +127,7 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
             cached.new_keys = None  # full-width keys are not kept past the call that needs them
         else:
             core._totals["hf_cache_calls"] += 1
-            out = attend_in_basis(core, query, key, value, cached.start, _bool_mask(attention_mask))
+            out = attend_in_basis(core, query, key, value, cached.start, _bool_mask(attention_mask), cached.ranks)
     elif attention_mask is not None or query.shape[2] != key.shape[2]:
         core._totals["hf_exact_calls"] += 1  # padding or HF-cache generation: exact attention (module docstring)
         if not getattr(core, "_warned_exact", False):

@@ -72,7 +72,7 @@ def segment_ranks(layer: DynamicLowRankAttention, n_seg: int) -> list[tuple[int,
     return [planned[min(s, len(planned) - 1)] for s in range(n_seg)]
 
 
-def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=None) -> torch.Tensor:
+def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=None, memo: dict | None = None):
     """Queries at positions [start, start + t) against keys kept in the layer's calibrated key basis.
 
     ``q`` (B, H, t, d) post-RoPE; ``kt`` (B, H_kv, W, N) the cached keys times P_k (unscaled), transposed so that a
@@ -80,21 +80,32 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
     position) or a boolean (B or 1, 1, t, N) mask, True where a query may attend. Each segment's queries run at
     their heads' ranks (:func:`segment_ranks`; a rank above W runs at W, counted as ``hf_cache_capped`` and warned
     about once per layer); the query heads of a group are stacked as rows, so the
-    keys are read once per key/value head. Returns (B, H, t, d)."""
+    keys are read once per key/value head. ``memo`` (a dict the caller keeps for one generation, e.g. the cache
+    layer's) remembers the ranks per segment count, so a decode step does not ask the controller again.
+    Returns (B, H, t, d)."""
     B, H, t, d = q.shape
     hkv, width, n = kt.shape[1], kt.shape[2], kt.shape[3]
     g, T = H // hkv, layer.segment
-    ranks = segment_ranks(layer, (start + t - 1) // T + 1)
+    n_seg = (start + t - 1) // T + 1
+    ranks = memo.get(n_seg) if memo is not None else None
+    if ranks is None:
+        ranks = segment_ranks(layer, n_seg)
+        if memo is not None:
+            memo[n_seg] = ranks
     pq = layer.pq.to(q.dtype)
     scale = 1.0 / math.sqrt(d)
-    pos = torch.arange(start, start + t, device=q.device)
-    allowed = mask if mask is not None else (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
     masked = mask is not None or t > 1  # one query without padding sees every cached key: no mask to apply
+    allowed = mask
+    if mask is None and masked:  # causal by position
+        pos = torch.arange(start, start + t, device=q.device)
+        allowed = (torch.arange(n, device=q.device)[None, :] <= pos[:, None])[None, None]
     outs = []
     for s in range(start // T, (start + t - 1) // T + 1):
         a, b = max(s * T, start) - start, min((s + 1) * T, start + t) - start
         qs = q[:, :, a:b].unflatten(1, (hkv, g))  # (B, H_kv, g, n, d)
-        rows = allowed[..., a:b, :].repeat(1, 1, g, 1) if allowed.shape[-2] > 1 else allowed  # group rows
+        rows = None
+        if masked:  # the mask's rows for this segment's queries, repeated for each query head of a group
+            rows = allowed[..., a:b, :].repeat(1, 1, g, 1) if allowed.shape[-2] > 1 else allowed
         hr = ranks[s]
         groups = [(0, hkv, hr[0])] if len(set(hr)) == 1 else [(j, j + 1, r) for j, r in enumerate(hr)]
         ys = []
@@ -105,7 +116,7 @@ def attend_in_basis(layer: DynamicLowRankAttention, q, kt, v, start: int, mask=N
                     layer._warned_capped = True
                     log.warning("layer %d: rank %d capped at the cache's key width %d", layer.layer_idx, r, width)
                 r = width
-            qr = torch.einsum("bkgnd,kdr->bkgnr", qs[:, h0:h1], pq[h0:h1, :, :r]).flatten(2, 3) * scale
+            qr = (qs[:, h0:h1] @ pq[h0:h1, None, :, :r]).flatten(2, 3) * scale  # (B, k, g·n, r)
             scores = qr @ kt[:, h0:h1, :r]  # (B, k, g·n, N)
             if masked:
                 scores = scores.masked_fill(~rows, float("-inf"))
