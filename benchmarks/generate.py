@@ -36,27 +36,12 @@ from drrl.eval.machine import machine
 from drrl.integrations import LowRankCache, cache_bytes_per_token
 from drrl.integrations.hf import cache_kwarg
 from drrl.recipes.demo_methods import calibrated_llm
-from drrl.recipes.generate import key_budget_table
+from drrl.recipes.generate import TokenClock, rank_tables
 from drrl.utils import write_json_atomic
 
 
-class _Clock:
-    """A streamer that records when each new token arrives (the first ``put`` is the prompt)."""
-
-    def __init__(self):
-        self.times, self.seen = [], False
-
-    def put(self, value):
-        if self.seen:
-            self.times.append(time.perf_counter())
-        self.seen = True
-
-    def end(self):
-        pass
-
-
 def _generate(model, ids, new: int, cache):
-    clock = _Clock()
+    clock = TokenClock()
     kw = {cache_kwarg(): cache} if cache is not None else {}
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -109,20 +94,16 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     from transformers import AutoConfig
 
-    from drrl.integrations.hub import resolve_model
+    from drrl.integrations.hub import max_positions, resolve_model
 
-    mcfg = AutoConfig.from_pretrained(resolve_model(args.model))
-    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 10**9
+    limit = max_positions(AutoConfig.from_pretrained(resolve_model(args.model))) or 10**9
     lengths = [min(int(x), limit - args.new_tokens) for x in args.lengths.split(",")]  # within the model's positions
     context = args.calib_context or max(lengths) + args.new_tokens  # bases that have seen every position generated
     llm = calibrated_llm(args.model, corpus=args.corpus, context=context, calib_windows=args.calib_windows,
                          test_windows=1)  # fmt: skip
     model, layers = llm.model, llm.layers
     d = layers[0].d_head
-    tables = {f"rank {r}": [[int(r)]] * len(layers) for r in args.ranks.split(",") if r}
-    if args.budget > 0:
-        fit = [w[:2049] for w in llm.calib[:1]]  # the Fisher table from (at most) a window's first 2048 tokens
-        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, fit, args.budget)
+    tables = rank_tables(model, layers, llm.calib[:1], [r for r in args.ranks.split(",") if r], args.budget)
     from transformers import AutoModelForCausalLM, DynamicCache
 
     dense_model = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32, attn_implementation="sdpa").eval()

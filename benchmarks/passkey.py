@@ -23,7 +23,7 @@ from drrl.eval.machine import machine
 from drrl.integrations import LowRankCache
 from drrl.integrations.hf import cache_kwarg
 from drrl.recipes.demo_methods import calibrated_llm
-from drrl.recipes.generate import key_budget_table
+from drrl.recipes.generate import rank_tables
 from drrl.utils import write_json_atomic
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -66,19 +66,15 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     from transformers import AutoConfig
 
-    from drrl.integrations.hub import resolve_model
+    from drrl.integrations.hub import max_positions, resolve_model
 
-    mcfg = AutoConfig.from_pretrained(resolve_model(args.model))
-    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 10**9
+    limit = max_positions(AutoConfig.from_pretrained(resolve_model(args.model))) or 10**9
     lengths = [min(int(x), limit - 8) for x in args.lengths.split(",")]  # the 8 answer tokens within the positions
     context = args.calib_context or max(lengths) + 8  # bases that have seen every position the answer reaches
     llm = calibrated_llm(args.model, corpus=args.corpus, context=context, calib_windows=args.calib_windows,
                          test_windows=1)  # fmt: skip
     model, layers = llm.model, llm.layers
-    tables = {f"rank {r}": [[int(r)]] * len(layers) for r in args.ranks.split(",") if r}
-    if args.budget > 0:
-        fit = [w[:2049] for w in llm.calib[:1]]  # the Fisher table from (at most) a window's first 2048 tokens
-        tables[f"alloc@{100 * args.budget:g}%"] = key_budget_table(model, layers, fit, args.budget)
+    tables = rank_tables(model, layers, llm.calib[:1], [r for r in args.ranks.split(",") if r], args.budget)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(llm.path)

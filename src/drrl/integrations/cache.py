@@ -21,6 +21,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from drrl.attention.drrl.cache import segment_ranks
 from drrl.errors import DrrlError
 
 
@@ -118,6 +119,4 @@ def widest_rank(core) -> int:
     otherwise r_max."""
     if core.needs_stats or not bool(core.calibrated):
         return core.r_max
-    from drrl.attention.drrl.cache import segment_ranks
-
     return max(max(h) for h in segment_ranks(core, 1024))

@@ -73,6 +73,12 @@ def resolve_model(name_or_dir: str | None = None) -> str:
     return str(name_or_dir)
 
 
+def max_positions(config) -> int | None:
+    """The positions a Hugging Face model config was trained for (``max_position_embeddings`` or GPT-2's
+    ``n_positions``), or None when it names none."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust_remote_code: bool = False):
     """Load a causal LM for drrl: the embedded SmolLM2-135M by default, else a local folder or a hub name
     (online only). Returns ``(model, path)``; ``get_tokenizer("hf:" + path)`` gives its tokenizer."""

@@ -57,10 +57,11 @@ class GenerateConfig:
                 f"must be a positive integer, got {self.calib_context}")  # fmt: skip
 
 
-class _Clock:
-    """A streamer that prints tokens as they come (``out``: a TextStreamer, or None) and records when each came."""
+class TokenClock:
+    """A ``generate`` streamer that records when each new token came (``times``; the first ``put`` is the prompt) and
+    passes every ``put`` on to ``out`` (e.g. a TextStreamer that prints them), if given."""
 
-    def __init__(self, out):
+    def __init__(self, out=None):
         self.out, self.times, self.prompt_seen = out, [], False
 
     def put(self, value):
@@ -90,8 +91,8 @@ def build(cfg: GenerateConfig, context: int):
     d = layers[0].d_head
     if cfg.rank is not None and not 0 < cfg.rank <= d:
         raise DrrlError(f"rank must be in 1..{d} (the model's head dimension), got {cfg.rank}")
-    if cfg.budget is not None:  # the Fisher and the per-rank passes on (at most) the first 2048 tokens of a window
-        table = key_budget_table(model, layers, [w[:2049] for w in llm.calib[:1]], cfg.budget)
+    if cfg.budget is not None:
+        table = key_budget_table(model, layers, llm.calib[:1], cfg.budget)
     else:
         table = [[cfg.rank or d]] * len(layers)
     attach_controller(layers, TableController(table))
@@ -101,9 +102,11 @@ def build(cfg: GenerateConfig, context: int):
 
 def key_budget_table(model, layers, windows, budget: float) -> list[list[int]]:
     """One rank per layer (a table row each) cutting Σ_l r_l, i.e. the key-cache bytes, by ``budget``, with the least
-    summed Fisher KL estimate: the layers' per-segment estimates pooled into one cell per layer."""
+    summed Fisher KL estimate: the layers' per-segment estimates pooled into one cell per layer. The Fisher and the
+    per-rank passes read (at most) the first 2048 tokens of each window."""
     from drrl.eval.allocation import CellErrors, cell_allocation, fisher_errors, output_fisher
 
+    windows = [w[:2049] for w in windows]
     output_fisher(model, layers, windows)
     errs = fisher_errors(model, layers, windows, layers[0].buckets.tolist())
     total = sum(errs.pairs)
@@ -115,6 +118,15 @@ def key_budget_table(model, layers, windows, budget: float) -> list[list[int]]:
     return cell_allocation(CellErrors(errs.ranks, pooled, [total], errs.forwards), budget)
 
 
+def rank_tables(model, layers, windows, ranks, budget: float) -> dict[str, list[list[int]]]:
+    """The generation benchmarks' rows: ``rank R`` (every layer at R) per rank, and ``alloc@B`` (:func:`key_budget_table`
+    on ``windows``) when ``budget`` > 0."""
+    tables = {f"rank {r}": [[int(r)]] * len(layers) for r in ranks}
+    if budget > 0:
+        tables[f"alloc@{100 * budget:g}%"] = key_budget_table(model, layers, windows, budget)
+    return tables
+
+
 def run_generate(cfg: GenerateConfig, *, stream: bool = True) -> dict:
     """Generate from ``cfg.prompt``, printing tokens as they come when ``stream``; returns the text and the
     measurements (``prompt_tokens``, ``new_tokens``, ``decode_tokens_per_s``, ``prefill_s``, ``cache_bytes``,
@@ -123,7 +135,7 @@ def run_generate(cfg: GenerateConfig, *, stream: bool = True) -> dict:
 
     from drrl.integrations.cache import LowRankCache
     from drrl.integrations.hf import cache_bytes_per_token, cache_kwarg
-    from drrl.integrations.hub import resolve_model
+    from drrl.integrations.hub import max_positions, resolve_model
 
     path = resolve_model(cfg.model)
     try:
@@ -133,7 +145,7 @@ def run_generate(cfg: GenerateConfig, *, stream: bool = True) -> dict:
     ids = tok(cfg.prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise DataError("the prompt has no tokens; pass some text")
-    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    limit = max_positions(mcfg)
     if limit and ids.shape[1] + cfg.max_new_tokens > limit:
         raise DataError(
             f"the prompt ({ids.shape[1]} tokens) and {cfg.max_new_tokens} new tokens exceed the model's {limit} "
@@ -147,7 +159,7 @@ def run_generate(cfg: GenerateConfig, *, stream: bool = True) -> dict:
     context = cfg.calib_context or min(max(512, ids.shape[1] + cfg.max_new_tokens), limit or 10**9)
     model, tok, widths = build(cfg, context)
     cache = LowRankCache(model, widths)
-    clock = _Clock(TextStreamer(tok, skip_prompt=True) if stream else None)
+    clock = TokenClock(TextStreamer(tok, skip_prompt=True) if stream else None)
     torch.manual_seed(cfg.seed)
     sample = cfg.temperature > 0
     extra = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0} if sample else {"do_sample": False}
