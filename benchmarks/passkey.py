@@ -8,6 +8,8 @@ key is N. Remember it. N is the pass key." inserted at a depth (a fraction of th
 key? The pass key is" (a prompt is shortened so that it and the 8 answer tokens fit the model's positions). A trial
 passes when the first 8 greedy tokens contain N. Rows as in ``benchmarks/generate.py`` (dense, a fixed key width per
 ``--ranks``, the per-layer allocation at ``--budget``), calibrated the same way (windows as long as the longest prompt).
+Beside the scores, each row's perplexity on one held-out window of the calibration's length (the test plays), through
+the same ranks (a forward pass runs each segment at the rank a cached decode reads it at).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from drrl.controllers import TableController, attach_controller
 from drrl.eval.machine import machine
+from drrl.eval.perplexity import evaluate_lm
 from drrl.integrations import LowRankCache
 from drrl.integrations.hf import cache_kwarg
 from drrl.recipes.demo_methods import calibrated_llm
@@ -93,6 +96,10 @@ def main(argv=None) -> dict:
                 trials.append({"length": length, "depth": depth, "key": key, "tokens": ids.shape[1],
                                "answers": got, "passed": {n: str(key) in a for n, a in got.items()}})  # fmt: skip
     methods = ["dense", *tables]
+    ppl = {"dense": evaluate_lm(dense, llm.test[:1], batch_size=1)["ppl"]}
+    for name, table in tables.items():
+        attach_controller(layers, TableController(table))
+        ppl[name] = evaluate_lm(model, llm.test[:1], batch_size=1)["ppl"]
     rows = []
     for length in sorted({t["length"] for t in trials}):
         at = [t for t in trials if t["length"] == length]
@@ -102,7 +109,8 @@ def main(argv=None) -> dict:
     print("|---:|---:|" + "---:|" * len(methods))
     for r in rows:
         print(f"| {r['length']} | {r['trials']} | " + " | ".join(f"{r[m]:.2f}" for m in methods) + " |")
-    out = {"machine": machine(), "rows": rows, "trials": trials, "seconds": time.perf_counter() - t_start,
+    print(f"| perplexity ({len(llm.test[0]) - 1} tokens) | | " + " | ".join(f"{ppl[m]:.2f}" for m in methods) + " |")
+    out = {"machine": machine(), "rows": rows, "perplexity": ppl, "trials": trials, "seconds": time.perf_counter() - t_start,
            "args": vars(args)}  # fmt: skip
     if args.json:
         write_json_atomic(args.json, out)

@@ -11,8 +11,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "drrl"
 # lowest first: a room may import only rooms before it in this list (and leaf modules outside it)
-LAYERS = ["linalg", "controllers", "attention", "rl", "models", "train"]
-LIBRARY_ROOMS = ["linalg", "controllers", "attention", "rl", "adapters", "pruning", "linear_attention", "models",
+LAYERS = ["kernels", "linalg", "controllers", "attention", "rl", "models", "train"]
+LIBRARY_ROOMS = ["kernels", "linalg", "controllers", "attention", "rl", "adapters", "pruning", "linear_attention", "models",
                  "integrations", "data", "train", "eval"]  # fmt: skip
 
 

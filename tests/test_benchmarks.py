@@ -125,11 +125,63 @@ def test_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, 
     for b in (1, 2):
         full = rows[(b, "rank 16")]  # full width: the dense model's tokens and distributions
         assert full["greedy_agreement"] == full["top1_agreement"] == 1 and full["mean_kl"] < 1e-6
-        assert full["cache_ratio"] == 1
+        assert full["cache_ratio"] == 1 and full["vs_full_width"] == 1  # rank 16 = head_dim: the control row
+        assert "of_limit_vs_full_width" in rows[(b, "rank 8")]
         half = rows[(b, "rank 8")]
         assert half["cache_ratio"] == pytest.approx(0.75) and half["bytes_limit"] > 1 and half["mean_kl"] > 0
         assert all(r["prefill_s"] > 0 and r["decode_tokens_per_s"] > 0 for (bb, _), r in rows.items() if bb == b)
     assert "| alloc@40% |" in capsys.readouterr().out
+
+
+def test_generate_benchmark_replicates_one_prompt_along_the_batch(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("generate")
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--lengths", "40", "--batches", "1,3",
+                       "--new-tokens", "4", "--ranks", "8", "--budget", "0", "--calib-context", "64", "--replicate",
+                       "--repeats", "2"])  # fmt: skip
+    rows = {(r["batch"], r["method"]): r for r in data["rows"]}
+    assert not rows[(1, "rank 8")]["replicated"] and rows[(3, "rank 8")]["replicated"]
+    for m in ("dense", "rank 8"):  # three copies of batch 1's cache (40 + 4 - 1 tokens)
+        assert rows[(3, m)]["cache_bytes"] == 3 * rows[(1, m)]["cache_bytes"]
+    assert rows[(3, "rank 8")]["cache_ratio"] == pytest.approx(0.75) and "mean_kl" not in rows[(3, "rank 8")]
+    assert rows[(3, "rank 8")]["of_limit"] == pytest.approx(
+        rows[(3, "rank 8")]["speedup"] / rows[(3, "rank 8")]["bytes_limit"]
+    )
+    assert "| 3 (copies) | rank 8 |" in capsys.readouterr().out
+
+
+def test_rana_decode_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("rana_decode")
+    out = tmp_path / "r.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--flops-ratios", "0.56",
+                       "--batches", "1,2", "--steps", "2", "--calib-windows", "2", "--calib-context", "64",
+                       "--repeats", "1", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    rows = {(r["batch"], r["method"]): r for r in data["rows"]}
+    assert {m for _, m in rows} == {"dense", "rana", "rana, masked matmul", "cats", "svd"}
+    for b in (1, 2):
+        dense = rows[(b, "dense")]
+        assert dense["bytes"] == 2 * 3 * 96 * 128 * 4 and dense["bytes_limit"] == 1  # two layers' three weights
+        rana, off = rows[(b, "rana")], rows[(b, "rana, masked matmul")]
+        assert rana["bytes"] < off["bytes"] and 1 < rana["bytes_limit"]  # the masked matmul reads every row of A
+        assert all(r["step_us"] > 0 for (bb, _), r in rows.items() if bb == b)
+    assert rows[(2, "rana")]["bytes"] >= rows[(1, "rana")]["bytes"]  # two tokens keep at least one token's rows
+    assert "| rana, masked matmul |" in capsys.readouterr().out
+
+
+def test_rana_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
+    bench = load_script("rana_generate")
+    out = tmp_path / "g.json"
+    data = bench.main(["--model", tiny_model_dir, "--corpus", text_corpus, "--flops-ratios", "0.6",
+                       "--targets", "mlp,mlp+qkv", "--prompt-tokens", "16", "--new-tokens", "4", "--calib-windows",
+                       "2", "--calib-context", "64", "--repeats", "1", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    rows = {(r["targets"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {("mlp", "dense"), ("mlp", "rana"), ("mlp", "cats"), ("mlp+qkv", "dense"),
+                         ("mlp+qkv", "rana")}  # fmt: skip
+    assert all(r["bytes_limit"] == 1 for (_, m), r in rows.items() if m == "dense")
+    assert 1 < rows[("mlp", "rana")]["bytes_limit"] < rows[("mlp+qkv", "rana")]["bytes_limit"]  # q/k/v adds rows
+    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert "| mlp+qkv | 0.60 | 1 | rana |" in capsys.readouterr().out
 
 
 def test_passkey_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, text_corpus):
@@ -144,7 +196,10 @@ def test_passkey_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_dir, t
         assert abs(t["tokens"] - t["length"]) <= 2 and set(t["answers"]) == {"dense", "rank 16", "alloc@40%"}
         assert t["answers"]["rank 16"] == t["answers"]["dense"]  # full width answers as the dense model does
         assert t["passed"]["dense"] == (str(t["key"]) in t["answers"]["dense"])
-    assert "| prompt tokens |" in capsys.readouterr().out
+    ppl = data["perplexity"]
+    assert set(ppl) == {"dense", "rank 16", "alloc@40%"} and ppl["rank 16"] == pytest.approx(ppl["dense"], rel=1e-4)
+    printed = capsys.readouterr().out
+    assert "| prompt tokens |" in printed and "| perplexity (64 tokens) |" in printed
 
 
 def test_passkey_prompt_hides_the_key_at_its_depth(tiny_model_dir):

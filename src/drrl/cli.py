@@ -332,6 +332,9 @@ def _add_generate(sub, quiet: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-context", type=_positive, default=None,
                    help="tokens per calibration window (default: the prompt's and the new tokens', at least 512: "
                    "the bases must have seen the positions generation reaches)")  # fmt: skip
+    g.add_argument("--adapters", default=None, metavar="DIR",
+                   help="an adapted model `drrl compress` saved (OUT/models/METHOD-RATIO) from the same base model: "
+                   "its adapters replace the MLP (and q/k/v) linears and decode through drrl's CPU kernels")  # fmt: skip
 
 
 def _add_info(sub, quiet: argparse.ArgumentParser) -> None:
@@ -477,7 +480,7 @@ def cmd_generate(args) -> int:
         GenerateConfig,
         dict(prompt=prompt, model=args.model, max_new_tokens=args.max_new_tokens, rank=args.rank, budget=args.budget,
              temperature=args.temperature, seed=args.seed, corpus=args.corpus, calib_windows=args.calib_windows,
-             calib_context=args.calib_context),
+             calib_context=args.calib_context, adapters=args.adapters),
     )  # fmt: skip
     res = run_generate(cfg, stream=True)
     print(summary(res))

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,23 @@ def test_decode_copies_follow_changes_of_the_weights():
         fast = ad(xt)
         ad.fast = False
         torch.testing.assert_close(fast, ad(xt), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (4, 1), (3, 6)])  # 18 tokens: past DECODE_TOKENS, the matmul
+def test_decode_paths_equal_the_reference_for_several_tokens(shape):
+    lin, x, a, b = _fitted()
+    g = torch.Generator().manual_seed(1)
+    xt = torch.randn(*shape, 16, generator=g)
+    tau = float((x @ b.T).square().quantile(0.6))
+    pairs = [(RankAdapter(a, b, tau, lin.bias), xt), (NeuronMaskedLinear(lin.weight.T.contiguous(), 0.4),
+             torch.randn(*shape, 24, generator=g))]  # fmt: skip
+    gate, up, down = nn.Linear(16, 20), nn.Linear(16, 20), nn.Linear(20, 16)
+    for u in (up, None):
+        pairs.append((NeuronAdapterMLP(gate, u, down if u is not None else nn.Linear(20, 16), torch.tanh, 0.3), xt))
+    for mod, inp in pairs:
+        ref = copy.deepcopy(mod).eval()
+        fast = mod.eval()
+        fast.prepare_decode()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(inp), ref(inp), rtol=1e-5, atol=1e-5)
+        assert fast.active == ref.active and fast.tokens == ref.tokens == shape[0] * shape[1]

@@ -9,7 +9,7 @@ import torch
 from drrl.attention.drrl import calibrating
 from drrl.controllers import TableController, attach_controller
 from drrl.errors import DrrlError
-from drrl.integrations.cache import LowRankCache
+from drrl.integrations.cache import LowRankCache, observed_widths
 from drrl.integrations.hf import apply_dynamic_rank, cache_bytes_per_token, cache_kwarg, remove_dynamic_rank
 from tests.integrations.test_hf import tiny_gpt2, tiny_llama
 
@@ -122,6 +122,8 @@ def test_cache_bytes_from_tensors_equal_the_formula():
     per_token = cache_bytes_per_token(model, cache.widths, bytes_per_value=8)  # float64
     assert cache.nbytes() == per_token * 3 * 31
     assert cache.nbytes() < cache_bytes_per_token(model, None, bytes_per_value=8) * 3 * 31
+    cache.crop(-5)  # negative: tokens to remove (transformers 4.x and 5)
+    assert cache.get_seq_length() == 26 and cache.nbytes() == per_token * 3 * 26
     assert LowRankCache(model, widths=4).widths == {0: 4, 1: 4}
     narrow = LowRankCache(model, widths=4)  # narrower than the table's ranks: capped, counted
     for m in layers:
@@ -131,6 +133,54 @@ def test_cache_bytes_from_tensors_equal_the_formula():
         model(ids[:, :1], use_cache=True, **{cache_kwarg(): narrow})
     assert layers[0].pop_stats()["hf_cache_capped"] == 1 and layers[1].pop_stats()["hf_cache_capped"] == 1
     assert LowRankCache(model, widths={1: 16}).widths == {0: 8, 1: 16}
+
+
+@pytest.mark.parametrize("grow", [1, 3, 256])
+def test_the_buffers_grow_in_steps_and_keep_generation_exact(grow, monkeypatch):
+    import drrl.integrations.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "GROW", grow)
+    model, ref, _ = calibrated(tiny_llama, controller="fixed", rank=D)
+    p = prompts(1, [11])[0][None]
+    cache = LowRankCache(model)
+    assert torch.equal(greedy(model, p, n=20, **{cache_kwarg(): cache}), greedy(ref, p, n=20))
+    per_token = cache_bytes_per_token(model, cache.widths, bytes_per_value=8)
+    assert cache.nbytes() == per_token * 30  # 11 + 20 − 1 cached tokens
+    assert cache.nbytes() <= cache.allocated_bytes() <= cache.nbytes() + per_token * grow
+
+
+def test_a_cache_repeated_along_the_batch_decodes_as_a_batch_prefill_does():
+    model, _, _ = calibrated(tiny_llama, controller="fixed", rank=8)
+    p = prompts(1, [13])[0][None]
+    one, two = LowRankCache(model), LowRankCache(model)
+    kw1, kw2 = {cache_kwarg(): one}, {cache_kwarg(): two}
+    with torch.no_grad():
+        model(p, use_cache=True, **kw1)
+        one.batch_repeat_interleave(2)  # new tensors: the layer adopts them, then grows from them
+        model(p.repeat(2, 1), use_cache=True, **kw2)
+        step = torch.tensor([[5], [7]])
+        for _ in range(3):
+            a, b = model(step, use_cache=True, **kw1).logits, model(step, use_cache=True, **kw2).logits
+            torch.testing.assert_close(a, b)
+            step = a[:, -1].argmax(-1, keepdim=True)
+    assert one.get_seq_length() == two.get_seq_length() == 16
+
+
+def test_observed_widths_give_a_dynamic_controller_a_narrower_cache():
+    model, _, layers = calibrated(tiny_llama, controller="energy", tau=0.7)
+    assert LowRankCache(model).widths == {0: D, 1: D}  # a controller that reads statistics: r_max unless measured
+    ids = torch.randint(2, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    widths = observed_widths(model, ids)
+    assert widths == {m.layer_idx: max(max(p.ranks) for p in m.last_plans) for m in layers}
+    assert all(w < D for w in widths.values()), widths  # the energy rule keeps fewer than d_head columns here
+    cache = LowRankCache(model, widths)
+    for m in layers:
+        m.pop_stats()
+    greedy(model, ids[:1], n=6, **{cache_kwarg(): cache})  # its own prefill's ranks fit the measured widths
+    assert cache.nbytes() == cache_bytes_per_token(model, widths, bytes_per_value=8) * 45
+    assert all(m.pop_stats().get("hf_cache_capped", 0) == 0 for m in layers)
+    with pytest.raises(DrrlError, match="apply_dynamic_rank"):
+        observed_widths(tiny_llama(), ids)
 
 
 def test_the_cache_switch_and_the_warned_exact_fallback(caplog):

@@ -140,3 +140,30 @@ def test_embedded_smollm2_loads_and_calibrates():
             model(ids)
         torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=2e-3)
     assert len(layers) == 30 and layers[0].n_kv_head == 3
+
+
+def test_a_mask_without_padding_counts_as_none():
+    from drrl.integrations.hf import _plain_causal
+
+    causal = torch.ones(5, 9, dtype=torch.bool).tril(4)[None, None].expand(2, 1, 5, 9)
+    assert _plain_causal(causal, 5, 9)
+    additive = torch.zeros(1, 1, 5, 9).masked_fill(~causal[:1], torch.finfo(torch.float32).min)
+    assert _plain_causal(additive, 5, 9)
+    assert _plain_causal(torch.ones(3, 1, 1, 9, dtype=torch.bool), 1, 9)  # a decode step sees every key
+    padded = causal.clone()
+    padded[1, :, :, 0] = False  # the second sequence is left-padded by one token
+    assert not _plain_causal(padded, 5, 9)
+    assert not _plain_causal(causal, 4, 9)  # another shape
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool)
+    assert _plain_causal(mask, 1, 9)
+    mask[..., 0] = False  # changed in place: decided again
+    assert not _plain_causal(mask, 1, 9)
+
+
+def test_an_all_ones_attention_mask_keeps_the_low_rank_path(ids):
+    model = tiny_llama()
+    layers = apply_dynamic_rank(model, controller="fixed", rank=8, segment=8, bucket=4, basis="online")
+    with torch.no_grad():
+        a = model(ids).logits
+        b = model(ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(a, b) and layers[0].pop_stats().get("hf_exact_calls", 0) == 0

@@ -64,9 +64,34 @@ def test_cli_streams_and_ends_with_one_line(tiny_model_dir, text_corpus, capsys)
         (["--prompt", "word " * 600], "exceed the model's 512 positions"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read the prompt file"),
         (["--prompt", PROMPT, "--budget", "1.5"], "budget must be in [0, 1)"),
+        (["--prompt", PROMPT, "--adapters", "/nonexistent/adapted"], "is not an adapted model"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tiny_model_dir, text_corpus, capsys, args, message):
     code = main(["-q", "generate", "--model", tiny_model_dir, "--corpus", text_corpus, "--calib-context", "64", *args])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and message in err, err
+
+
+def test_adapters_generate_what_the_adapted_model_generates(tiny_model_dir, text_corpus, tmp_path):
+    from transformers import AutoTokenizer
+
+    from drrl.adapters import apply_rana
+    from drrl.adapters.export import load_adapted, save_adapted
+    from drrl.integrations.hub import load_causal_lm
+
+    base, _ = load_causal_lm(tiny_model_dir)
+    calib = [torch.randint(2, 1000, (4, 64), generator=torch.Generator().manual_seed(0))]
+    rep = apply_rana(base, 0.6, calib, method="rana", targets="mlp", sample_tokens=256, score_tokens=128)
+    save_adapted(base, rep, tmp_path / "rana")
+    res = run_generate(cfg(tiny_model_dir, text_corpus, adapters=str(tmp_path / "rana")), stream=False)
+    adapted = load_adapted(load_causal_lm(tiny_model_dir)[0], tmp_path / "rana").eval()
+    for m in adapted.modules():  # the reference: no kernels, no drrl attention
+        if hasattr(m, "fast"):
+            m.fast = False
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = adapted.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.eos_token_id)  # fmt: skip
+    assert res["text"] == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -72,7 +72,8 @@ def _empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 def load_adapted(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild the adapters saved by :func:`save_adapted` in ``model`` (a fresh copy of the same base model)
-    and load every weight (strict). Returns ``model``."""
+    and load every weight (strict), with their decode path on (in eval mode, steps of a few tokens run through
+    :mod:`drrl.kernels`). Returns ``model``."""
     from safetensors.torch import load_model
 
     path = Path(path)
@@ -123,6 +124,9 @@ def load_adapted(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path} does not fit this base model ({str(e).splitlines()[0][:160]}); load the model it was "
             "compressed from"
         ) from None
+    for m in model.modules():
+        if hasattr(m, "prepare_decode"):
+            m.prepare_decode()
     return model
 
 

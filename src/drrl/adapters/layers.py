@@ -12,17 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drrl.kernels import masked_dots, masked_rows
 from drrl.linalg.adaptive_lowrank import adapter_flops
 
-
-def _gather_sum(idx: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Σ_i w_i · rows[idx_i] (+ bias) without materialising the gathered rows: ``embedding_bag`` reads each
-    active row once (index_select + matmul would copy them first, tripling the memory traffic)."""
-    if idx.numel() == 0:  # nothing active (embedding_bag needs at least one index per bag)
-        y = rows.new_zeros(rows.shape[1])
-    else:
-        y = F.embedding_bag(idx[None], rows, per_sample_weights=w[None].to(rows.dtype), mode="sum")[0]
-    return y if bias is None else y + bias
+DECODE_TOKENS = 4  # steps of at most this many tokens take the kernels (at 8 a masked matmul is faster: BENCHMARKS.md)
 
 
 class _Counted(nn.Module):
@@ -50,8 +43,9 @@ class RankAdapter(_Counted):
         tau: mask threshold on the squared coordinates.
         bias: (d_out,) or None.
 
-    At batch 1 and one token in eval mode with ``fast=True`` only the active rows of Aᵀ are read
-    (index_select then a small matmul): the memory-bound decode path.
+    In eval mode with ``fast=True`` (:meth:`prepare_decode`), a call of at most ``DECODE_TOKENS`` tokens reads
+    only the rows of Aᵀ some token keeps, once each, without a gathered copy (:func:`drrl.kernels.masked_rows`,
+    which also decides the mask): the memory-bound decode path.
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, tau: float, bias: torch.Tensor | None = None):
@@ -82,7 +76,7 @@ class RankAdapter(_Counted):
         return f"d_in={self.in_features}, d_out={self.out_features}, n_b={self.n_b}, tau={float(self.tau):.3g}"
 
     def prepare_decode(self) -> None:
-        """Turn on the batch-1 decode path (Aᵀ is stored contiguously, rebuilt whenever A or τ change)."""
+        """Turn on the decode path (Aᵀ is stored contiguously, rebuilt whenever A or τ change)."""
         self.fast = True
         self._decode_ready()
 
@@ -90,7 +84,8 @@ class RankAdapter(_Counted):
         key = (self.a._version, self.a.device, self.a.dtype, self.tau._version, self.a.data_ptr())
         if key != self._a_key:
             self._a_t = self.a.detach().t().contiguous()
-            self._static = float(self.tau) <= 0
+            self._tau_f = float(self.tau)
+            self._static = self._tau_f <= 0
             self._a_key = key
         return True
 
@@ -106,12 +101,15 @@ class RankAdapter(_Counted):
             self.tokens += x.numel() // self.in_features
             self.active += (x.numel() // self.in_features) * self.n_b
             return F.linear(F.linear(x, self.b), self.a, self.bias)
+        n_tok = x.numel() // self.in_features
+        if fast and n_tok <= DECODE_TOKENS:
+            c = F.linear(x, self.b).reshape(n_tok, self.n_b)
+            y, active = masked_rows(self._a_t, c, self._tau_f, None, self.bias)
+            self.tokens += n_tok
+            self.active += int(active.sum())
+            return y.reshape(*x.shape[:-1], -1)
         c, m = self.coefficients(x)
-        self.tokens += c.numel() // self.n_b
-        if fast and c.numel() == self.n_b:
-            idx = m.reshape(-1).nonzero().squeeze(-1)
-            self.active += idx.numel()
-            return _gather_sum(idx, c.reshape(-1)[idx], self._a_t, self.bias).reshape(*x.shape[:-1], -1)
+        self.tokens += n_tok
         self.active += float(m.sum())
         return F.linear(c * m, self.a, self.bias)
 
@@ -213,27 +211,29 @@ class NeuronMaskedLinear(_Counted):
         return f"d_in={self.in_features}, d_out={self.out_features}, tau={float(self.tau):.3g}"
 
     def prepare_decode(self) -> None:
-        """Turn on the batch-1 decode path (Wᵀ stored contiguously, rebuilt whenever W changes)."""
+        """Turn on the decode path: calls of at most ``DECODE_TOKENS`` tokens read the kept rows of Wᵀ
+        (stored contiguously, rebuilt whenever W or τ change) through :func:`drrl.kernels.masked_rows`."""
         self.fast = True
         self._decode_ready()
 
     def _decode_ready(self) -> bool:
-        key = (self.weight._version, self.weight.device, self.weight.dtype, self.weight.data_ptr())
+        key = (self.weight._version, self.weight.device, self.weight.dtype, self.weight.data_ptr(), self.tau._version)
         if key != self._w_key:
-            self._w_t, self._w_key = self.weight.detach().t().contiguous(), key
+            self._w_t, self._w_key, self._tau_f = self.weight.detach().t().contiguous(), key, float(self.tau)
         return True
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         return h.detach().abs() * self.col_norm.to(h.dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n_tok = h.numel() // self.in_features
+        self.tokens += n_tok
+        if self.fast and not self.training and n_tok <= DECODE_TOKENS and self._decode_ready():
+            y, active = masked_rows(self._w_t, h.reshape(n_tok, -1), self._tau_f, self.col_norm, self.bias)
+            self.active += int(active.sum())
+            return y.reshape(*h.shape[:-1], -1)
         with torch.no_grad():
             m = self.scores(h) >= self.tau.to(h.dtype)
-        self.tokens += h.numel() // self.in_features
-        if self.fast and not self.training and h.numel() == self.in_features and self._decode_ready():
-            idx = m.reshape(-1).nonzero().squeeze(-1)
-            self.active += idx.numel()
-            return _gather_sum(idx, h.reshape(-1)[idx], self._w_t, self.bias).reshape(*h.shape[:-1], -1)
         self.active += float(m.sum())
         return F.linear(h * m, self.weight, self.bias)
 
@@ -257,8 +257,9 @@ class NeuronAdapterMLP(_Counted):
         self._down_key = None
 
     def prepare_decode(self) -> None:
-        """Turn on the batch-1 decode path: active rows of W_up, active columns of W_down (W_downᵀ stored
-        contiguously, rebuilt whenever W_down changes)."""
+        """Turn on the decode path: calls of at most ``DECODE_TOKENS`` tokens read the kept rows of W_up
+        (:func:`drrl.kernels.masked_dots`) and of W_downᵀ (:func:`drrl.kernels.masked_rows`; stored contiguously,
+        rebuilt whenever W_down changes)."""
         self.fast = True
         self._decode_ready()
 
@@ -270,18 +271,22 @@ class NeuronAdapterMLP(_Counted):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_tok = x.numel() // x.shape[-1]
+        self.tokens += n_tok
+        if self.fast and not self.training and n_tok <= DECODE_TOKENS and self._decode_ready():
+            x2 = x.reshape(n_tok, -1)
+            a = self.act(self.gate(x2))
+            m = a.abs() >= self.t.to(a.dtype)
+            h = a
+            if self.up is not None:  # the kept rows of W_up only, each read once (drrl.kernels.masked_dots)
+                u = masked_dots(self.up.weight, x2, m)
+                h = a * (u if self.up.bias is None else u + self.up.bias)
+            y, active = masked_rows(self._down_t, h, 0.0, None, self.down.bias, keep=m)
+            self.active += int(active.sum())
+            return y.reshape(*x.shape[:-1], -1)
         a = self.act(self.gate(x))
         with torch.no_grad():
             m = a.abs() >= self.t.to(a.dtype)
-        self.tokens += a.numel() // a.shape[-1]
-        if self.fast and not self.training and x.numel() == x.shape[-1] and self._decode_ready():
-            idx = m.reshape(-1).nonzero().squeeze(-1)
-            self.active += idx.numel()
-            h = a.reshape(-1)[idx]
-            if self.up is not None:  # active rows of W_up (a gathered GEMV; the copy is the CPU's best option)
-                u = self.up.weight.index_select(0, idx) @ x.reshape(-1)
-                h = h * (u if self.up.bias is None else u + self.up.bias[idx])
-            return _gather_sum(idx, h, self._down_t, self.down.bias).reshape(*x.shape[:-1], -1)
         self.active += float(m.sum())
         h = a * m
         if self.up is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
@@ -121,6 +122,9 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise DrrlError(f"layer {core.layer_idx}: attention scale {scaling} is not 1/sqrt(head_dim); not supported")
     ref = getattr(core, "hf_cache_layer", None)
     cached = ref() if ref is not None else None
+    kv_len = key.shape[-1] if cached is not None and key is cached.keys else key.shape[2]
+    if attention_mask is not None and _plain_causal(attention_mask, query.shape[2], kv_len):
+        attention_mask = None  # a mask without padding (transformers 4.x materialises one for an all-ones mask)
     if cached is not None and key is cached.keys:  # keys kept at rank by drrl.integrations.cache.LowRankCache
         if attention_mask is None and cached.start == 0 and query.shape[2] == key.shape[-1]:
             out = core.attend(query, cached.new_keys, value)  # a prefill without padding: the layer's own plan
@@ -142,6 +146,24 @@ def drrl_attention_forward(module, query, key, value, attention_mask, scaling=No
     else:
         out = core.attend(query, key, value)
     return out.transpose(1, 2).contiguous(), None
+
+
+_LAST_MASK: list = [None, None, None]  # (weak reference to a mask, its version, whether it is plain causal)
+
+
+def _plain_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
+    """Whether ``mask`` (B or 1, 1, q_len, kv_len; boolean or additive) is exactly the causal pattern of the last
+    q_len of kv_len positions for every sequence, i.e. has no padding. Decided once per mask tensor: a forward
+    pass hands every layer the same one."""
+    ref = _LAST_MASK[0]() if _LAST_MASK[0] is not None else None
+    if ref is mask and _LAST_MASK[1] == mask._version:
+        return _LAST_MASK[2]
+    plain = False
+    if mask.dim() == 4 and mask.shape[-2:] == (q_len, kv_len):
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+        plain = bool((_bool_mask(mask) == causal).all())
+    _LAST_MASK[:] = [weakref.ref(mask), mask._version, plain]
+    return plain
 
 
 def _bool_mask(mask):

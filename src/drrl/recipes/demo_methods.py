@@ -192,12 +192,18 @@ def add_llm_arguments(ap, *, calib_windows: int) -> None:
 
 
 def calibrated_llm(model=None, *, corpus="shakespeare", context=1024, calib_windows=6, calibrate=None,
-                   test_windows=6, segment=128, bucket=8) -> CalibratedLLM:  # fmt: skip
+                   test_windows=6, segment=128, bucket=8, adapters=None) -> CalibratedLLM:  # fmt: skip
     """Load ``model`` (default: the embedded SmolLM2-135M) in eval mode with its tokenizer and ``corpus``, swap in
     drrl attention (energy controller) and calibrate it on the first ``calibrate`` (default: all) of
-    ``calib_windows`` windows of ``context`` + 1 tokens spread over the first half of the training split."""
+    ``calib_windows`` windows of ``context`` + 1 tokens spread over the first half of the training split.
+    ``adapters``: a ``drrl compress`` output folder whose adapters replace the model's linears first (with their
+    decode path on), so the bases are calibrated on the adapted model's keys."""
     lm, path = load_causal_lm(model)
     lm.eval()
+    if adapters is not None:
+        from drrl.adapters.export import load_adapted
+
+        load_adapted(lm, adapters)
     tok = get_tokenizer("hf:" + path)
     train, test = load_tokens(corpus, "train", tok), load_tokens(corpus, "test", tok)
     cal = spread_windows(train[: len(train) // 2], calib_windows, context + 1)

@@ -12,6 +12,10 @@ with 2048-token windows) and a :class:`~drrl.integrations.cache.LowRankCache`:
   layer's output Fisher from one calibration window, its KL at every bucket from one forward pass per bucket);
 - neither: full width (the dense model's tokens, through the low-rank cache's code path).
 
+``adapters`` (``--adapters DIR``, a model ``drrl compress`` saved: ``OUT/models/METHOD-RATIO``) puts its RaNA, CATS
+or SVD adapters into the model first, with their decode path on (:mod:`drrl.kernels`: a step reads only the rows its
+tokens keep).
+
 It ends with one line: prompt tokens, new tokens, decode tokens/s (after the first new token), prefill seconds, and
 the cache's bytes (measured from its tensors) against a dense cache of the same tokens.
 """
@@ -44,6 +48,7 @@ class GenerateConfig:
     calib_windows: int = 2
     calib_context: int | None = None  # tokens per calibration window; None: the prompt's and new tokens' (≥ 512)
     bucket: int = 8
+    adapters: str | None = None  # a `drrl compress` output folder: its adapters replace the model's linears
 
     def __post_init__(self):
         require(bool(self.prompt.strip()), "prompt", "is empty; pass --prompt TEXT or --prompt-file FILE")
@@ -86,7 +91,7 @@ def build(cfg: GenerateConfig, context: int):
     from drrl.recipes.demo_methods import calibrated_llm
 
     llm = calibrated_llm(cfg.model, corpus=cfg.corpus, context=context, calib_windows=cfg.calib_windows,
-                         test_windows=1, bucket=cfg.bucket)  # fmt: skip
+                         test_windows=1, bucket=cfg.bucket, adapters=cfg.adapters)  # fmt: skip
     model, layers = llm.model, llm.layers
     d = layers[0].d_head
     if cfg.rank is not None and not 0 < cfg.rank <= d:

@@ -357,6 +357,8 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
         t["segments"] += len(plan.ranks)
         t["tokens"] += B * L
         mean = plan.mean_ranks()  # per-head ranks: their mean (the executed rank of the segment)
+        top = max(max(h) for h in plan.head_ranks) if plan.head_ranks is not None else max(plan.ranks)
+        t["max_rank"] = max(t["max_rank"], top)  # the widest key any head read (a key cache's width)
         t["rank_tokens"] += B * sum(r * min(T, L - i * T) for i, r in enumerate(mean))
         t["refreshes"] += plan.refreshes
         t["fallbacks"] += plan.fallbacks
@@ -377,6 +379,7 @@ class DynamicLowRankAttention(BasisMixin, PlanMixin, Attention):
             return {k: t[k] for k in ("hf_exact_calls", "hf_cache_calls", "hf_cache_capped") if t[k]}
         out = {
             "mean_rank": t["rank_tokens"] / t["tokens"],  # token-weighted
+            "max_rank": t["max_rank"],  # the largest rank any head of any segment ran at
             "segments": t["segments"],
             "tokens": t["tokens"],
             "refreshes": t["refreshes"],
