@@ -73,7 +73,8 @@ def step_weight_bytes(model, out: torch.Tensor, prompt: int) -> float:
     hooks += [m.register_forward_hook(slice_hook) for m in slices]
     steps = out.shape[1] - prompt - 1
     with torch.no_grad():
-        cache = model(out[:, :prompt], use_cache=True).past_key_values
+        res = model(out[:, :prompt], use_cache=True)
+        cache = res.get("cache", res.get("past_key_values"))  # named ``cache`` in recent transformers
         saved.clear()
         for i in range(steps):
             model(out[:, prompt + i : prompt + i + 1], use_cache=True, **{cache_kwarg(): cache})
