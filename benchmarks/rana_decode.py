@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from drrl.adapters import apply_rana
+from drrl.adapters import apply_rana, prepare_decode
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
@@ -134,9 +134,7 @@ def main(argv=None) -> dict:
         for method in args.methods.split(","):
             m = copy.deepcopy(dense)
             apply_rana(m, ratio, calib, method=method, targets="mlp", cache=cache)
-            for mod in m.modules():
-                if hasattr(mod, "prepare_decode"):
-                    mod.prepare_decode()
+            prepare_decode(m)
             models[method] = m
             if method == "rana":  # the same adapters without the decode path
                 off = copy.deepcopy(m)

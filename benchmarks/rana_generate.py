@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from drrl.adapters import apply_rana
+from drrl.adapters import apply_rana, prepare_decode
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedRankSlice
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
@@ -116,9 +116,7 @@ def main(argv=None) -> dict:
                     continue
                 m = copy.deepcopy(dense)
                 apply_rana(m, ratio, calib, method=method, targets=targets, cache=cache)
-                for mod in m.modules():
-                    if hasattr(mod, "prepare_decode"):
-                        mod.prepare_decode()
+                prepare_decode(m)
                 models[method] = m
             for batch in (int(b) for b in args.batches.split(",")):
                 ids = torch.stack(spread_windows(test, batch, args.prompt_tokens)).long()

@@ -11,6 +11,7 @@ from drrl.adapters.model import (
     adapter_modules,
     apply_rana,
     measured_flops,
+    prepare_decode,
     reset_counts,
 )
 from drrl.adapters.registry import ADAPTERS, METHODS, TARGETS, Method
@@ -33,5 +34,6 @@ __all__ = [
     "apply_rana",
     "find_sites",
     "measured_flops",
+    "prepare_decode",
     "reset_counts",
 ]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedBasis, SharedRankSlice
-from drrl.adapters.model import CompressionReport, _set_submodule
+from drrl.adapters.model import CompressionReport, _set_submodule, prepare_decode
 from drrl.errors import DrrlError
 from drrl.utils import pickle_kind
 
@@ -124,10 +124,7 @@ def load_adapted(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path} does not fit this base model ({str(e).splitlines()[0][:160]}); load the model it was "
             "compressed from"
         ) from None
-    for m in model.modules():
-        if hasattr(m, "prepare_decode"):
-            m.prepare_decode()
-    return model
+    return prepare_decode(model)
 
 
 @torch.no_grad()

@@ -178,6 +178,15 @@ def adapter_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def prepare_decode(model: nn.Module) -> nn.Module:
+    """Turn on every adapter's decode path (in eval mode, steps of a few tokens run through :mod:`drrl.kernels`).
+    Returns ``model``."""
+    for m in model.modules():
+        if hasattr(m, "prepare_decode"):
+            m.prepare_decode()
+    return model
+
+
 def reset_counts(model: nn.Module) -> None:
     for m in adapter_modules(model):
         m.reset_counts()

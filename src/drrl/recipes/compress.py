@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from drrl.adapters import METHODS, apply_rana, find_sites, measured_flops, reset_counts
+from drrl.adapters import METHODS, apply_rana, find_sites, measured_flops, prepare_decode, reset_counts
 from drrl.adapters.export import save_adapted
 from drrl.config import FieldError, require
 from drrl.errors import ConfigError
@@ -156,18 +156,12 @@ def mlp_rel_error(model: nn.Module, probes: list[MLPProbe]) -> float:
     )
 
 
-def _prepare_decode(model: nn.Module) -> None:
-    for m in model.modules():
-        if hasattr(m, "prepare_decode"):
-            m.prepare_decode()
-
-
 @torch.no_grad()
 def decode_speedup(dense: nn.Module, adapted: nn.Module, probes: list[MLPProbe], n_tokens: int, repeats: int) -> dict:
     """Batch-1 one-token MLP time, dense over adapted, every layer, interleaved repeats (medians)."""
     from drrl.eval.timing import interleaved_medians
 
-    _prepare_decode(adapted)
+    prepare_decode(adapted)
     toks = [[p.x[i].view(1, 1, -1).contiguous() for i in range(min(n_tokens, len(p.x)))] for p in probes]
 
     def run(model):
