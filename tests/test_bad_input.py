@@ -752,7 +752,7 @@ def test_prune_ratio_that_empties_a_head(tmp_path, capsys, deltanet_run, ratio):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "-q", "prune", deltanet_run, "--ratio", ratio, "--out", out)
     assert code == 2
-    one_line_error(err, "all 8 query/key channels", "--ratio <= 0.875")
+    one_line_error(err, "all 8 query/key channels", "ratio <= 0.875")
     assert not out.exists()
 
 
@@ -919,7 +919,7 @@ def test_apply_rana_bad_input_leaves_the_model_as_it_was(kwargs, needle):
 @pytest.mark.parametrize(
     ("ratio", "selector", "needle"),
     [
-        (math.nan, "l1", "ratio"), (1.0, "l1", "ratio"), (-0.1, "l1", "ratio"), (0.9, "l1", "d_keep"),
+        (math.nan, "l1", "ratio"), (1.0, "l1", "ratio"), (-0.1, "l1", "ratio"), (0.9, "l1", "would remove all 8"),
         (0.5, "magic", "unknown selector"),
     ],
 )  # fmt: skip

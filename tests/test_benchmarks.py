@@ -180,7 +180,8 @@ def test_rana_generate_benchmark_writes_its_schema(tmp_path, capsys, tiny_model_
                          ("mlp+qkv", "rana")}  # fmt: skip
     assert all(r["bytes_limit"] == 1 for (_, m), r in rows.items() if m == "dense")
     assert 1 < rows[("mlp", "rana")]["bytes_limit"] < rows[("mlp+qkv", "rana")]["bytes_limit"]  # q/k/v adds rows
-    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert all(r["decode_tokens_per_s"] > 0 and r["median_step_ms"] > 0 for r in rows.values())
+    assert all(r["step_speedup"] == 1 and r["step_of_limit"] == 1 for (_, m), r in rows.items() if m == "dense")
     assert "| mlp+qkv | 0.60 | 1 | rana |" in capsys.readouterr().out
 
 

@@ -279,15 +279,21 @@ def _add_prune(sub, quiet: argparse.ArgumentParser) -> None:
     pr = sub.add_parser(
         "prune",
         parents=[quiet],
-        help="prune the query/key channels of a trained DeltaNet run (state reduction) and report",
-        description="Keep d' = floor(d_k (1 - R)) query/key channels per head in every DeltaNet layer of a run "
-        "trained with model.kind=deltanet, chosen by a selector (random, l1, wanda, taylor, pca = the rotation "
-        "baseline, drrqr = strong rank-revealing QR of q/k activations), calibrated on the train split of "
-        "--calibration. Measures held-out perplexity, state bytes, the recurrent decode step's time and the "
-        "states' rank utilisation, optionally after LoRA recovery; writes DIR/report.json, DIR/report.md, "
-        "DIR/utilisation.png and the pruned models (DIR/models/SELECTOR-R, readable by `drrl eval`).",
+        help="prune the query/key channels of a DeltaNet run or a Hugging Face Gated DeltaNet model (state "
+        "reduction) and report",
+        description="Keep d' = floor(d_k (1 - R)) query/key channels per head in every delta-rule layer, chosen by a "
+        "selector (random, l1, wanda, taylor, pca = the rotation baseline, drrqr = strong rank-revealing QR of q/k "
+        "activations), calibrated on the train split of --calibration. Either a drrl run trained with "
+        "model.kind=deltanet (RUN_DIR; pruned models under DIR/models/SELECTOR-R, readable by `drrl eval`) or, "
+        "with --model, a Hugging Face model with Gated DeltaNet layers (Qwen3-Next, Qwen3.5; each pruned model a "
+        "standard folder plain transformers loads). Measures held-out perplexity, recurrent-state bytes and decode "
+        "speed, optionally after LoRA recovery; writes DIR/report.json and DIR/report.md.",
     )
-    pr.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a DeltaNet run folder or a step_* folder")
+    pr.add_argument("path", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT", help="a DeltaNet run folder or a step_* folder")
+    pr.add_argument("--model", metavar="NAME_OR_DIR",
+                    help="a Hugging Face model (folder or hub name) with Gated DeltaNet layers, instead of a run")  # fmt: skip
+    pr.add_argument("--context", type=_positive, default=None,
+                    help="tokens per calibration and evaluation window, --model only (default: 512)")  # fmt: skip
     pr.add_argument("--ratio", type=_floats, default=(0.5,),
                     help="fraction(s) of q/k channels removed, e.g. 0.25,0.5,0.75 (default: 0.5)")  # fmt: skip
     pr.add_argument("--selector", default="drrqr",
@@ -444,6 +450,7 @@ def cmd_compress(args) -> int:
 
 def cmd_prune(args) -> int:
     from drrl.config import from_dict
+    from drrl.errors import ConfigError
     from drrl.pruning import available_selectors
     from drrl.recipes.prune import PruneConfig, report_markdown, run_prune
 
@@ -457,9 +464,19 @@ def cmd_prune(args) -> int:
         dict(selectors=sels, ratios=list(args.ratio), calibration=args.calibration, split=args.split,
              eval_tokens=args.eval_tokens, recover=args.recover,
              recovery={"steps": args.recover_steps, "kd_weight": args.kd_weight},
-             decode_batch=args.decode_batch, timing_repeats=args.repeats, save=not args.no_save),
+             decode_batch=args.decode_batch, timing_repeats=args.repeats, save=not args.no_save,
+             context=args.context),
     )  # fmt: skip
-    rep = run_prune(args.path, cfg, args.out, progress=not args.quiet)
+    if bool(args.path) == bool(args.model):
+        raise ConfigError("drrl prune needs a run folder or --model NAME_OR_DIR (one of them)")
+    if args.model:
+        from drrl.recipes.prune_hf import report_markdown, run_prune_hf
+
+        rep = run_prune_hf(args.model, cfg, args.out, progress=not args.quiet)
+    else:
+        if args.context is not None:
+            raise ConfigError("--context applies to --model only; a drrl run evaluates at its own context")
+        rep = run_prune(args.path, cfg, args.out, progress=not args.quiet)
     print(report_markdown(rep), end="")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0

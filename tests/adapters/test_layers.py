@@ -141,3 +141,24 @@ def test_decode_paths_equal_the_reference_for_several_tokens(shape):
         with torch.no_grad():
             torch.testing.assert_close(fast(inp), ref(inp), rtol=1e-5, atol=1e-5)
         assert fast.active == ref.active and fast.tokens == ref.tokens == shape[0] * shape[1]
+
+
+def test_decode_layout_is_the_weights_own_storage_and_survives_loads_and_casts():
+    lin, x, a, b = _fitted()
+    tau = float((x @ b.T).square().median())
+    ad, ref = RankAdapter(a, b, tau, lin.bias).eval(), RankAdapter(a, b, tau, lin.bias).eval()
+    nm = NeuronMaskedLinear(lin.weight.T.contiguous(), 0.4).eval()
+    ad.prepare_decode()
+    nm.prepare_decode()
+    # one copy of the weights: the rows the kernel streams are a view of the parameter, stored column-major
+    assert ad._a_t.data_ptr() == ad.a.data_ptr() and ad._a_t.is_contiguous() and not ad.a.is_contiguous()
+    assert nm._w_t.data_ptr() == nm.weight.data_ptr() and nm._w_t.is_contiguous()
+    xt = x[:1].view(1, 1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(ad(xt), ref(xt), rtol=1e-5, atol=1e-5)
+        ad.load_state_dict({k: 2 * v if k == "a" else v for k, v in ref.state_dict().items()})  # copied in place
+        assert ad._decode_ready() and ad._a_t.data_ptr() == ad.a.data_ptr()
+        torch.testing.assert_close(ad(xt) - lin.bias, 2 * (ref(xt) - lin.bias), rtol=1e-5, atol=1e-5)
+        half = copy.deepcopy(ad).to(torch.bfloat16)  # a cast keeps the layout: still no second copy
+        half(xt.bfloat16())
+        assert half._a_t.data_ptr() == half.a.data_ptr() and half._a_t.dtype == torch.bfloat16

@@ -9,8 +9,6 @@ loads the weights strictly: outputs are identical to the saved model's. Nothing 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from torch import nn
 from drrl.adapters.layers import NeuronAdapterMLP, NeuronMaskedLinear, RankAdapter, SharedBasis, SharedRankSlice
 from drrl.adapters.model import CompressionReport, _set_submodule, prepare_decode
 from drrl.errors import DrrlError
-from drrl.utils import pickle_kind
+from drrl.utils import atomic_dir, pickle_kind
 
 FORMAT = "drrl-adapters-v1"
 
@@ -51,18 +49,10 @@ def save_adapted(model: nn.Module, report: CompressionReport | None, out: str | 
     from safetensors.torch import save_model
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_model(model, str(tmp / "model.safetensors"))
+    with atomic_dir(out) as tmp:
+        save_model(model, str(tmp / "model.safetensors"), force_contiguous=True)  # decode_layout: column-major A
         meta = {"format": FORMAT, "spec": adapter_spec(model), "report": asdict(report) if report else None}
         (tmp / "adapters.json").write_text(json.dumps(meta, indent=1, default=float))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

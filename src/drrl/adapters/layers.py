@@ -18,6 +18,15 @@ from drrl.linalg.adaptive_lowrank import adapter_flops
 DECODE_TOKENS = 4  # steps of at most this many tokens take the kernels (at 8 a masked matmul is faster: BENCHMARKS.md)
 
 
+def decode_layout(weight: nn.Parameter) -> torch.Tensor:
+    """Store a (d_out, n) parameter column-major, in place, and return its transpose: the (n, d_out) row-major
+    matrix the kernels stream, as a view (one copy of the weights in memory). ``F.linear`` reads either layout;
+    state dicts load into it keeping the layout, and ``.to()`` keeps it (``preserve_format``)."""
+    if not weight.t().is_contiguous():
+        weight.data = weight.detach().t().contiguous().t()
+    return weight.detach().t()
+
+
 class _Counted(nn.Module):
     """Counters of executed work since the last :meth:`reset_counts` (host floats, not state)."""
 
@@ -57,8 +66,8 @@ class RankAdapter(_Counted):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32, device=b.device))
         self.fast, self._static = False, False
-        self._a_t: torch.Tensor | None = None  # Aᵀ contiguous (n_b, d_out), built by prepare_decode()
-        self._a_key = None  # what _a_t was built from (rebuilt when A, τ, device or dtype change)
+        self._a_t: torch.Tensor | None = None  # Aᵀ (n_b, d_out), a contiguous view of A once prepare_decode() ran
+        self._a_key = None  # what _a_t was taken from (taken again when A or τ change, or A moves)
 
     @property
     def in_features(self) -> int:
@@ -76,17 +85,18 @@ class RankAdapter(_Counted):
         return f"d_in={self.in_features}, d_out={self.out_features}, n_b={self.n_b}, tau={float(self.tau):.3g}"
 
     def prepare_decode(self) -> None:
-        """Turn on the decode path (Aᵀ is stored contiguously, rebuilt whenever A or τ change)."""
+        """Turn on the decode path: A is stored column-major (:func:`decode_layout`), so Aᵀ is a contiguous view
+        the kernel streams, without a second copy."""
         self.fast = True
         self._decode_ready()
 
     def _decode_ready(self) -> bool:
-        key = (self.a._version, self.a.device, self.a.dtype, self.tau._version, self.a.data_ptr())
+        key = (self.a.data_ptr(), self.a._version, self.tau._version)
         if key != self._a_key:
-            self._a_t = self.a.detach().t().contiguous()
+            self._a_t = decode_layout(self.a)
             self._tau_f = float(self.tau)
             self._static = self._tau_f <= 0
-            self._a_key = key
+            self._a_key = (self.a.data_ptr(), self.a._version, self.tau._version)
         return True
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,15 +221,16 @@ class NeuronMaskedLinear(_Counted):
         return f"d_in={self.in_features}, d_out={self.out_features}, tau={float(self.tau):.3g}"
 
     def prepare_decode(self) -> None:
-        """Turn on the decode path: calls of at most ``DECODE_TOKENS`` tokens read the kept rows of Wᵀ
-        (stored contiguously, rebuilt whenever W or τ change) through :func:`drrl.kernels.masked_rows`."""
+        """Turn on the decode path: calls of at most ``DECODE_TOKENS`` tokens read the kept rows of Wᵀ (W stored
+        column-major, :func:`decode_layout`) through :func:`drrl.kernels.masked_rows`."""
         self.fast = True
         self._decode_ready()
 
     def _decode_ready(self) -> bool:
-        key = (self.weight._version, self.weight.device, self.weight.dtype, self.weight.data_ptr(), self.tau._version)
+        key = (self.weight.data_ptr(), self.weight._version, self.tau._version)
         if key != self._w_key:
-            self._w_t, self._w_key, self._tau_f = self.weight.detach().t().contiguous(), key, float(self.tau)
+            self._w_t, self._tau_f = decode_layout(self.weight), float(self.tau)
+            self._w_key = (self.weight.data_ptr(), self.weight._version, self.tau._version)
         return True
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -258,16 +269,16 @@ class NeuronAdapterMLP(_Counted):
 
     def prepare_decode(self) -> None:
         """Turn on the decode path: calls of at most ``DECODE_TOKENS`` tokens read the kept rows of W_up
-        (:func:`drrl.kernels.masked_dots`) and of W_downᵀ (:func:`drrl.kernels.masked_rows`; stored contiguously,
-        rebuilt whenever W_down changes)."""
+        (:func:`drrl.kernels.masked_dots`) and of W_downᵀ (:func:`drrl.kernels.masked_rows`; W_down stored
+        column-major, :func:`decode_layout`)."""
         self.fast = True
         self._decode_ready()
 
     def _decode_ready(self) -> bool:
         w = self.down.weight
-        key = (w._version, w.device, w.dtype, w.data_ptr())
-        if key != self._down_key:
-            self._down_t, self._down_key = w.detach().t().contiguous(), key
+        if (w.data_ptr(), w._version) != self._down_key:
+            self._down_t = decode_layout(w)
+            self._down_key = (w.data_ptr(), w._version)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,11 @@ class HFTokenizer:
         spec = backend.to_str() if backend is not None else repr(sorted(self._tok.get_vocab().items()))
         self.fingerprint = sha256_bytes("hf", type(self._tok).__name__, spec, repr(getattr(self._tok, "bpe_ranks", "")))
 
+    @property
+    def hf(self):
+        """The wrapped ``transformers`` tokenizer (to save it beside a model)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 

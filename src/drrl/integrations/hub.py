@@ -8,16 +8,13 @@ converted once to a Hugging Face folder in the drrl cache), a local Hugging Face
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from drrl.errors import DrrlError
 from drrl.integrations.hf import _geometry
-from drrl.utils import cache_dir, package_dir
+from drrl.utils import atomic_dir, cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +50,9 @@ def _converted_smollm2() -> Path:
         del config.quantization_config
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:  # all or nothing: a killed conversion leaves no half-written model
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)  # all or nothing: a killed conversion leaves no half-written model
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

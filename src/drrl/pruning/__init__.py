@@ -7,7 +7,7 @@ registry of selector names), ``prune_qk`` which calibrates and slices the DeltaN
 ``@register_selector(name, needs=...)`` (:mod:`drrl.pruning.selectors`)."""
 
 from drrl.pruning.diagnostics import decode_times, state_ranks
-from drrl.pruning.prune import LayerCalibration, calibrate, mixers, prune_qk, rotate_qk
+from drrl.pruning.prune import LayerCalibration, calibrate, kept_width, mixers, prune_qk, rotate_qk
 from drrl.pruning.selectors import (
     Selector,
     SelectorInputs,
@@ -41,6 +41,7 @@ __all__ = [
     "calibrate",
     "decode_times",
     "get_selector",
+    "kept_width",
     "mixers",
     "prune_qk",
     "register_selector",

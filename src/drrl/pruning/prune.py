@@ -130,6 +130,22 @@ def calibrate(
     return cal
 
 
+def kept_width(head_k_dims: Sequence[int], ratio: float) -> tuple[int, int]:
+    """(d_k, d') = (the layers' shared head_k_dim, ⌊d_k (1 − ratio)⌋); ValueError (one line) for a ratio outside
+    [0, 1), layers of different widths, or a ratio that would leave a head no channel."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1) (the fraction of q/k channels removed), got {ratio}")
+    d_k = head_k_dims[0]
+    if any(d != d_k for d in head_k_dims):
+        raise ValueError("layers have different head_k_dim; prune a model whose layers share one")
+    d_keep = int(d_k * (1 - ratio) + 1e-9)
+    if d_keep < 1:
+        raise ValueError(f"ratio {ratio:g} would remove all {d_k} query/key channels of a head; use a ratio <= "
+                         f"{(d_k - 1) / d_k:g}")  # fmt: skip
+    check_keep(d_k, d_keep)
+    return d_k, d_keep
+
+
 def rotate_qk(layer: DeltaNet, t: torch.Tensor) -> None:
     """PCA baseline: W_q,h ← T_h W_q,h and W_k,h ← T_h W_k,h for T (H, d', d_k); conv kernels mixed by T²."""
     n_head, d_keep, d_k = t.shape
@@ -171,14 +187,8 @@ def prune_qk(
     ratios). Returns ``{"selector", "ratio", "d_k", "d_keep", "kept": [(H, d') lists per layer]}``; updates
     ``model.cfg.deltanet`` (head_k_dim, qk_scale) when the model has one."""
     spec = get_selector(selector)  # ValueError when it is not registered
-    if not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1) (the fraction of q/k channels removed), got {ratio}")
     layers = mixers(model)
-    d_k = layers[0].head_k_dim
-    if any(m.head_k_dim != d_k for m in layers):
-        raise ValueError("layers have different head_k_dim; prune a model whose layers share one")
-    d_keep = int(d_k * (1 - ratio) + 1e-9)
-    check_keep(d_k, d_keep)
+    d_k, d_keep = kept_width([m.head_k_dim for m in layers], ratio)
     cal = calibration
     if not cal or not isinstance(cal[0], LayerCalibration):
         cal = calibrate(model, calibration, spec.needs, rows=rows, seed=seed) if spec.needs else None

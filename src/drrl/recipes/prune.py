@@ -35,7 +35,16 @@ from drrl.config import require
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError
 from drrl.eval.perplexity import evaluate_lm
-from drrl.pruning import available_selectors, calibrate, decode_times, get_selector, mixers, prune_qk, state_ranks
+from drrl.pruning import (
+    available_selectors,
+    calibrate,
+    decode_times,
+    get_selector,
+    kept_width,
+    mixers,
+    prune_qk,
+    state_ranks,
+)
 from drrl.train.recovery import RecoveryConfig, lora_recover
 from drrl.utils import check_out_dir, write_json_atomic, write_text_atomic
 
@@ -55,6 +64,9 @@ class PruneConfig:
     recovery: RecoveryConfig = field(default_factory=lambda: RecoveryConfig(steps=100))
     decode_batch: int = 32
     timing_repeats: int = 5
+    context: int | None = None  # tokens per window (a Hugging Face model's; default 512; a drrl run uses its own)
+    prompt_tokens: int = 64  # Hugging Face models: generate() prompt and new tokens of the decode timing
+    new_tokens: int = 32
     save: bool = True
     seed: int = 0
 
@@ -69,7 +81,8 @@ class PruneConfig:
         require(
             self.split in ("train", "validation", "test"), "split", f"must be train/validation/test, got {self.split}"
         )
-        for name in ("calib_windows", "rows", "decode_batch", "timing_repeats"):
+        require(self.context is None or self.context > 1, "context", f"must be > 1 tokens, got {self.context}")
+        for name in ("calib_windows", "rows", "decode_batch", "timing_repeats", "prompt_tokens", "new_tokens"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.eval_tokens >= 0, "eval_tokens", f"must be >= 0, got {self.eval_tokens}")
 
@@ -130,12 +143,11 @@ def _load_deltanet(path: str | Path, cfg: PruneConfig):
     run_cfg = RunConfig.from_dict(ckpt.config)
     if run_cfg.model.kind != "deltanet":
         raise ConfigError(f"{path} holds a model of kind {run_cfg.model.kind}; drrl prune needs model.kind=deltanet")
-    d_k = mixers(dense)[0].head_k_dim
     for r in cfg.ratios:  # prune_qk's rule, checked before any work: every head keeps at least one channel
-        if int(d_k * (1 - r) + 1e-9) < 1:
-            raise ConfigError(
-                f"--ratio {r:g} would remove all {d_k} query/key channels of a head; use --ratio <= {(d_k - 1) / d_k:g}"
-            )
+        try:
+            kept_width([m.head_k_dim for m in mixers(dense)], r)
+        except ValueError as e:
+            raise ConfigError(f"--ratio: {e}") from None
     return dense, tok, ckpt, run_cfg
 
 

@@ -1,0 +1,219 @@
+"""``drrl prune --model``: Q/K channel pruning of a Hugging Face model's Gated DeltaNet layers (Qwen3-Next,
+Qwen3.5), one standard checkpoint per selector and ratio, and the table that says what each one costs and buys.
+
+For each selector and ratio p, a copy of the model keeps ⌊d_k (1 − p)⌋ query/key channels per key head
+(:func:`drrl.integrations.gated_deltanet.prune_hf`, calibrated once on windows of the calibration corpus's train
+split) and is measured on held-out windows of the same corpus (``split``):
+
+- ``ppl`` and ``ppl_ratio`` (over the unpruned model's, same windows);
+- ``state_bytes`` / ``state_bytes_ratio``: the recurrent states the model's own cache holds after a prefill
+  (summed from its tensors), over the unpruned model's;
+- ``decode_tps_b1`` / ``decode_tps_bN`` and their ratios to the unpruned model: greedy ``generate()`` tokens/s
+  after the first new token at batch 1 and ``decode_batch``, the two models alternating ``timing_repeats`` times
+  (medians), one pruned model per ratio (the first selector that slices);
+- ``reload_max_abs_diff``: the saved folder loaded back by plain ``AutoModelForCausalLM.from_pretrained``, the
+  largest logit difference from the in-memory pruned model on one held-out window;
+- with ``recover``: the same perplexity after LoRA recovery on the fused input projection (``ppl_recovered``).
+
+Writes ``DIR/report.json``, ``DIR/report.md`` and, with ``save``, ``DIR/models/<selector>-<p>``: a Hugging Face folder
+(config with ``linear_key_head_dim = d'``, weights, tokenizer) that transformers loads as it loads the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drrl.data.tokenizer import get_tokenizer
+from drrl.data.tokens import load_tokens, spread_windows
+from drrl.errors import ConfigError, DrrlError
+from drrl.eval.perplexity import evaluate_lm
+from drrl.integrations.gated_deltanet import LAYOUTS, calibrate_hf, delta_layers, prune_hf, recurrent_state_bytes
+from drrl.pruning import get_selector, kept_width
+from drrl.recipes.generate import TokenClock
+from drrl.recipes.prune import PruneConfig
+from drrl.train.recovery import lora_recover
+from drrl.utils import atomic_dir, check_out_dir, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_delta_model(name_or_dir: str, cfg: PruneConfig):
+    """(model, tokenizer, path) of a Hugging Face model with Gated DeltaNet layers; a one-line error otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        where = (
+            "the folder has no loadable model" if Path(name_or_dir).is_dir() else "the Hugging Face hub is unreachable"
+        )
+        raise DrrlError(f"cannot load model {name_or_dir!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local "
+                        "Hugging Face folder (e.g. one `drrl train` wrote with model.kind=hf)") from None  # fmt: skip
+    try:
+        layers = delta_layers(model)
+    except ValueError as e:
+        raise ConfigError(f"{name_or_dir}: {e}") from None
+    for r in cfg.ratios:  # prune_hf's rule, checked before any work
+        try:
+            kept_width([m.head_k_dim for m in layers], r)
+        except ValueError as e:
+            raise ConfigError(f"--ratio: {e}") from None
+    return model.eval(), get_tokenizer("hf:" + str(name_or_dir)), str(name_or_dir)
+
+
+def _state_bytes(model, ids: torch.Tensor) -> int:
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    return recurrent_state_bytes(getattr(out, "past_key_values", None) or out.get("cache"))
+
+
+def _decode_rate(model, ids: torch.Tensor, new: int) -> float:
+    clock = TokenClock()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, streamer=clock, pad_token_id=0)  # fmt: skip
+    return ids.shape[0] * (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+
+def _time_decode(dense, pruned, prompts: dict[int, torch.Tensor], new: int, repeats: int) -> dict:
+    """{batch: (dense tokens/s, pruned tokens/s)}, medians of ``repeats`` alternating runs (one warm-up each)."""
+    out = {}
+    for batch, ids in prompts.items():
+        runs: dict[str, list[float]] = {"dense": [], "pruned": []}
+        for m in (dense, pruned):
+            _decode_rate(m, ids, 2)
+        for _ in range(repeats):
+            for name, m in (("dense", dense), ("pruned", pruned)):
+                runs[name].append(_decode_rate(m, ids, new))
+        out[batch] = (statistics.median(runs["dense"]), statistics.median(runs["pruned"]))
+    return out
+
+
+def save_hf(model, tok, out: Path) -> Path:
+    """``model.save_pretrained`` + the tokenizer into ``out``, all or nothing (a temporary folder renamed)."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if getattr(tok, "hf", None) is not None:  # a transformers tokenizer (drrl.data.tokenizer.HFTokenizer)
+            tok.hf.save_pretrained(tmp)
+    return out
+
+
+def _reload_diff(path: Path, model, ids: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float((back(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+
+
+def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progress: bool = True) -> dict:
+    """Prune the Hugging Face model ``name_or_dir`` for every selector × ratio of ``cfg``; see the module doc."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    dense, tok, path = load_hf_delta_model(name_or_dir, cfg)
+    check_out_dir(out)
+    corpus = cfg.calibration or "shakespeare"
+    context = cfg.context or 512
+    calib_tokens = load_tokens(corpus, "train", tok)
+    eval_tokens = load_tokens(corpus, cfg.split, tok)
+    if cfg.eval_tokens:
+        eval_tokens = eval_tokens[: cfg.eval_tokens + 1]
+    train_tokens = calib_tokens if cfg.recover else None
+    batches = [w.view(1, -1) for w in spread_windows(calib_tokens, cfg.calib_windows, context + 1)]
+    window = spread_windows(eval_tokens, 1, context)[0].long()[None]
+    prompts = {b: torch.stack(spread_windows(eval_tokens, b, cfg.prompt_tokens)).long() for b in (1, cfg.decode_batch)}
+
+    def ppl(model) -> float:
+        return evaluate_lm(model, eval_tokens, context, batch_size=8)["ppl"]
+
+    base_ppl, base_bytes = ppl(dense), _state_bytes(dense, window)
+    cal = calibrate_hf(dense, batches, ("acts", "rms", "grads"), rows=cfg.rows, seed=cfg.seed)
+    layers = delta_layers(dense)
+    log.info("unpruned: ppl %.3f, recurrent state %d bytes per sequence", base_ppl, base_bytes)
+    fused = sorted({LAYOUTS[type(m).__name__][0] for m in layers})
+    rows, timed = [], {}
+    timing_sel = next((s for s in cfg.selectors if not get_selector(s).rotates), cfg.selectors[0])
+    for sel in cfg.selectors:
+        for ratio in cfg.ratios:
+            model = copy.deepcopy(dense)
+            info = prune_hf(model, ratio, sel, cal, seed=cfg.seed, rows=cfg.rows)
+            p, nbytes = ppl(model), _state_bytes(model, window)
+            row: dict[str, Any] = {"selector": sel, "ratio": ratio, "d_k": info.d_k, "d_keep": info.d_keep, "ppl": p,
+                                   "ppl_ratio": p / base_ppl, "state_bytes": nbytes,
+                                   "state_bytes_ratio": nbytes / base_bytes}  # fmt: skip
+            if cfg.save:
+                where = save_hf(model, tok, out / "models" / f"{sel}-{ratio:g}")
+                row["reload_max_abs_diff"] = _reload_diff(where, model, window)
+            if cfg.recover:
+                rec = copy.deepcopy(model)
+                rcfg = copy.deepcopy(cfg.recovery)
+                rcfg.targets, rcfg.context = tuple(fused), rcfg.context or context
+                stats = lora_recover(rec, train_tokens, rcfg, teacher=dense, progress=progress)
+                pr = ppl(rec)
+                row.update(ppl_recovered=pr, ppl_ratio_recovered=pr / base_ppl, recovery_seconds=stats["seconds"])
+                if cfg.save:
+                    save_hf(rec, tok, out / "models" / f"{sel}-{ratio:g}-recovered")
+            log.info("%s p=%.2f: ppl %.3f (x%.3f), state x%.3f", sel, ratio, p, p / base_ppl, nbytes / base_bytes)
+            rows.append(row)
+            if sel == timing_sel:
+                timed[ratio] = model
+    for ratio, model in timed.items():
+        t = _time_decode(dense, model, prompts, cfg.new_tokens, cfg.timing_repeats)
+        for row in rows:
+            if row["ratio"] == ratio:
+                for b, (d, p) in t.items():
+                    key = "b1" if b == 1 else f"b{b}"
+                    row[f"decode_tps_{key}"], row[f"decode_speedup_{key}"] = p, p / d
+    result = {
+        "model": path, "corpus": corpus, "config": _asdict(cfg), "seconds": time.perf_counter() - t0,
+        "unpruned": {"ppl": base_ppl, "state_bytes": base_bytes, "d_k": layers[0].head_k_dim,
+                     "delta_layers": len(layers), "fused_projection": fused},
+        "rows": rows,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "report.json", result)
+    write_text_atomic(out / "report.md", report_markdown(result))
+    return result
+
+
+def _asdict(cfg: PruneConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def report_markdown(result: dict) -> str:
+    base, cfg = result["unpruned"], result["config"]
+    rec, b = cfg["recover"], cfg["decode_batch"]
+    lines = [
+        f"# Q/K channel pruning of {result['model']} ({base['delta_layers']} Gated DeltaNet layers)",
+        "",
+        f"Unpruned: ppl {base['ppl']:.3f} on {result['corpus']} ({cfg['split']}), d_k {base['d_k']}, recurrent state "
+        f"{base['state_bytes']:,} bytes per sequence (measured from the cache). {result['machine']}.",
+        "",
+        "| selector | removed | d' | ppl | × unpruned |"
+        + (" recovered ppl | × unpruned |" if rec else "")
+        + f" state bytes | decode b1 tok/s (× unpruned) | decode b{b} tok/s (× unpruned) | reload max abs Δlogit |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if rec else "") + "---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        line = f"| {r['selector']} | {r['ratio']:.0%} | {r['d_keep']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} |"
+        if rec:
+            line += f" {r['ppl_recovered']:.3f} | {r['ppl_ratio_recovered']:.3f} |"
+        nan = float("nan")
+        line += (
+            f" {r['state_bytes_ratio']:.3f}× | {r.get('decode_tps_b1', nan):.1f} ({r.get('decode_speedup_b1', nan):.2f}×)"
+            f" | {r.get(f'decode_tps_b{b}', nan):.1f} ({r.get(f'decode_speedup_b{b}', nan):.2f}×)"
+            f" | {r.get('reload_max_abs_diff', nan):.1e} |"
+        )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
