@@ -292,8 +292,12 @@ def _add_prune(sub, quiet: argparse.ArgumentParser) -> None:
     pr.add_argument("path", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT", help="a DeltaNet run folder or a step_* folder")
     pr.add_argument("--model", metavar="NAME_OR_DIR",
                     help="a Hugging Face model (folder or hub name) with Gated DeltaNet layers, instead of a run")  # fmt: skip
+    pr.add_argument("--scale", choices=("eps", "kernel"), default="eps",
+                    help="transformers models: keep the unpruned q·k readout scale by scaling the RMSNorm epsilon "
+                    "(saved in the config; default), or take the kernel's 1/sqrt(d') (kernel)")  # fmt: skip
     pr.add_argument("--context", type=_positive, default=None,
-                    help="tokens per calibration and evaluation window, --model only (default: 512)")  # fmt: skip
+                    help="tokens per calibration and evaluation window of a transformers model (default: a run's "
+                    "context, else 512)")  # fmt: skip
     pr.add_argument("--ratio", type=_floats, default=(0.5,),
                     help="fraction(s) of q/k channels removed, e.g. 0.25,0.5,0.75 (default: 0.5)")  # fmt: skip
     pr.add_argument("--selector", default="drrqr",
@@ -465,17 +469,19 @@ def cmd_prune(args) -> int:
              eval_tokens=args.eval_tokens, recover=args.recover,
              recovery={"steps": args.recover_steps, "kd_weight": args.kd_weight},
              decode_batch=args.decode_batch, timing_repeats=args.repeats, save=not args.no_save,
-             context=args.context),
+             context=args.context, scale=args.scale),
     )  # fmt: skip
     if bool(args.path) == bool(args.model):
         raise ConfigError("drrl prune needs a run folder or --model NAME_OR_DIR (one of them)")
-    if args.model:
+    from drrl.recipes.prune_hf import is_hf_run
+
+    if args.model or is_hf_run(args.path):  # a transformers model: standard folders
         from drrl.recipes.prune_hf import report_markdown, run_prune_hf
 
-        rep = run_prune_hf(args.model, cfg, args.out, progress=not args.quiet)
+        rep = run_prune_hf(args.model or args.path, cfg, args.out, progress=not args.quiet)
     else:
         if args.context is not None:
-            raise ConfigError("--context applies to --model only; a drrl run evaluates at its own context")
+            raise ConfigError("--context applies to transformers models only; a DeltaNet run evaluates at its own")
         rep = run_prune(args.path, cfg, args.out, progress=not args.quiet)
     print(report_markdown(rep), end="")
     print(f"report: {Path(args.out) / 'report.md'}")

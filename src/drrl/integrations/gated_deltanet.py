@@ -20,10 +20,13 @@ Calibration runs the model's own forward: the q and k the layer hands its delta-
 SiLU, before the L2 norm) are recorded by wrapping the kernel functions for the duration of the pass.
 
 Score scale. The kernel scales q by ``1/√(query's last dim)``, so once d_k shrinks to d' every readout grows by
-√(d_k/d'). The per-head gated RMSNorm that follows absorbs that factor up to its ε: norm(c·o; ε) = norm(o; ε/c²).
-The export keeps transformers' own behaviour (``exact_scale=False``); ``exact_scale=True`` sets each gated norm's
-ε to ε·d_k/d', which reproduces the unscaled readout exactly in memory but is not stored in the config (the
-measured difference is in BENCHMARKS.md).
+c = √(d_k/d'). The per-head gated RMSNorm that follows absorbs that factor only up to its ε: norm(c·o; ε) =
+norm(o; ε/c²), and on a trained model ‖o‖ is small enough for ε to matter (BENCHMARKS.md: +0.4% perplexity at 50%,
++2.3% at 75% on the trained hybrid). No weight can fold 1/c back in (o is linear only in v, which passes SiLU), so
+``scale="eps"`` (the default) multiplies ``config.rms_norm_eps`` and the ε of every RMSNorm built from it by c²: the
+gated norms then compute the unpruned readout exactly, the other norms (of hidden states and attention heads, whose
+mean squares are ≫ ε) move by ε·(c² − 1), and plain transformers loads the same function from the saved config.
+``scale="kernel"`` leaves ε alone (transformers' scale for d').
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def delta_layers(model: nn.Module) -> list[nn.Module]:
     found = [m for m in model.modules() if type(m).__name__ in LAYOUTS]
     if found:
         return found
-    other = sorted({type(m).__name__ for m in model.modules() if "deltanet" in type(m).__name__.lower()})
+    other = sorted({type(m).__name__ for m in model.modules() if "delta" in type(m).__name__.lower()})
     supported = ", ".join(sorted(LAYOUTS))
     if other:
         raise ValueError(f"drrl cannot prune {', '.join(other)} yet (its projections differ); supported: {supported}")
@@ -264,13 +267,15 @@ class HFPruneInfo:
 
 
 def prune_hf(model: nn.Module, ratio: float, selector: str, calibration: Sequence[torch.Tensor] | list[LayerCalibration],
-             *, seed: int = 0, rows: int = 5000, exact_scale: bool = False) -> HFPruneInfo:  # fmt: skip
+             *, seed: int = 0, rows: int = 5000, scale: str = "eps") -> HFPruneInfo:  # fmt: skip
     """Remove ``ratio`` of every key head's query/key channels in every Gated DeltaNet layer of a Hugging Face
     ``model`` (in place) and set ``config.linear_key_head_dim`` to d' = ⌊d_k (1 − ratio)⌋.
 
     ``calibration``: token batches (B, T + 1) or the output of :func:`calibrate_hf` (reused across selectors and
-    ratios). ``exact_scale``: keep the unpruned readout scale exactly (module doc; not saved by
-    ``save_pretrained``)."""
+    ratios). ``scale``: ``"eps"`` keeps the unpruned readout scale through the norms' ε (saved in the config),
+    ``"kernel"`` takes transformers' 1/√d' (module doc)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     spec = get_selector(selector)
     layers = delta_layers(model)
     d_k, d_keep = kept_width([m.head_k_dim for m in layers], ratio)
@@ -291,11 +296,47 @@ def prune_hf(model: nn.Module, ratio: float, selector: str, calibration: Sequenc
         else:
             slice_layer(layer, out)
             kept.append(out.tolist())
-        if exact_scale and d_keep != d_k:
-            layer.norm.variance_epsilon = layer.norm.variance_epsilon * d_k / d_keep
-    _text_config(model.config).linear_key_head_dim = d_keep
+    config = _text_config(model.config)
+    config.linear_key_head_dim = d_keep
+    if scale == "eps" and d_keep != d_k:
+        _scale_eps(model, d_k / d_keep)
+        config.rms_norm_eps = config.rms_norm_eps * d_k / d_keep
     log.info("pruned %s: %d Gated DeltaNet layers, d_k %d -> %d (ratio %g)", selector, len(layers), d_k, d_keep, ratio)
     return HFPruneInfo(selector, ratio, d_k, d_keep, kept)
+
+
+SCALES = ("eps", "kernel")
+
+
+def _norm_eps(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every RMSNorm ε in the model: the gated norms' ``variance_epsilon`` and the others'
+    ``eps`` or ``variance_epsilon``."""
+    found = []
+    for m in model.modules():
+        if "rmsnorm" in type(m).__name__.lower():
+            for attr in ("variance_epsilon", "eps"):
+                if isinstance(getattr(m, attr, None), float):
+                    found.append((m, attr))
+                    break
+    return found
+
+
+def _scale_eps(model: nn.Module, factor: float) -> None:
+    for m, attr in _norm_eps(model):
+        setattr(m, attr, getattr(m, attr) * factor)
+
+
+@contextlib.contextmanager
+def scaled_eps(model: nn.Module, factor: float) -> Iterator[None]:
+    """Within the block every RMSNorm's ε is multiplied by ``factor`` (restored afterwards): ``d_k/d'`` turns a model
+    pruned with ``scale="kernel"`` into its ``"eps"`` twin, ``d'/d_k`` the reverse (what each scale costs)."""
+    saved = [(m, attr, getattr(m, attr)) for m, attr in _norm_eps(model)]
+    try:
+        _scale_eps(model, factor)
+        yield
+    finally:
+        for m, attr, eps in saved:
+            setattr(m, attr, eps)
 
 
 def recurrent_state_bytes(cache) -> int:

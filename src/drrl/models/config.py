@@ -54,10 +54,11 @@ class DeltaNetConfig:
 
 @dataclass
 class GPTConfig:
-    """The ``model`` section: a transformer (``kind: gpt``, attention chosen by name) or a DeltaNet LM
-    (``kind: deltanet``, settings under ``deltanet``); sizes, vocabulary and context are shared."""
+    """The ``model`` section: a transformer (``kind: gpt``, attention chosen by name), a DeltaNet LM
+    (``kind: deltanet``, settings under ``deltanet``) or a transformers architecture (``kind: hf``, its config
+    under ``hf``: :mod:`drrl.models.hf`); sizes, vocabulary and context are shared."""
 
-    kind: Literal["gpt", "deltanet"] = "gpt"
+    kind: Literal["gpt", "deltanet", "hf"] = "gpt"
     vocab_size: int = 50304  # GPT-2's 50,257 ids padded to a multiple of 64 (faster matmuls)
     context: int = 256  # maximum sequence length
     n_layer: int = 4
@@ -70,6 +71,7 @@ class GPTConfig:
     attention: str = "full"  # any name in drrl.attention.available_attentions()
     attention_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the attention constructor
     deltanet: DeltaNetConfig = field(default_factory=DeltaNetConfig)  # kind: deltanet only
+    hf: dict[str, Any] = field(default_factory=dict)  # kind: hf only: model_type and the transformers config keys
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model"):
@@ -81,11 +83,15 @@ class GPTConfig:
             "n_head",
             f"must divide d_model ({self.d_model}), got {self.n_head}",
         )
-        require(self.kind in ("gpt", "deltanet"), "kind", f"must be gpt or deltanet, got {self.kind!r}")
+        require(self.kind in ("gpt", "deltanet", "hf"), "kind", f"must be gpt, deltanet or hf, got {self.kind!r}")
+        require(self.kind == "hf" or not self.hf, "hf", "applies to kind=hf only")
         if isinstance(self.deltanet, dict):  # the Python API may pass the section as a dict
             self.deltanet = from_dict(DeltaNetConfig, self.deltanet, prefix="deltanet.")
         require(0 < self.mlp_ratio < math.inf, "mlp_ratio", f"must be a finite number > 0, got {self.mlp_ratio}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.kind == "hf":
+            self._check_hf()
+            return
         if self.kind == "deltanet":
             require(
                 self.attention == "full" and not self.attention_kwargs,
@@ -97,6 +103,19 @@ class GPTConfig:
         require(d_head % 2 == 0, "n_head", f"must leave an even head dimension for RoPE, got d_head={d_head}")
         require(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base}")
         validate_attention(self.attention, self.attention_kwargs, self.d_model, self.n_head, True, self.bias)
+
+    def _check_hf(self) -> None:
+        require(
+            self.attention == "full" and not self.attention_kwargs and self.dropout == 0,
+            "attention",
+            "and dropout apply to kind=gpt only; a kind=hf model's layers and dropouts are set under model.hf",
+        )
+        from drrl.models.hf import hf_config
+
+        try:
+            hf_config(self)
+        except (ValueError, TypeError, KeyError) as e:
+            raise FieldError("hf", str(e).splitlines()[0]) from None
 
     @property
     def d_head(self) -> int:

@@ -97,7 +97,12 @@ class GPT(CausalLM):
 
 
 def build_model(cfg: GPTConfig) -> CausalLM:
-    """The language model ``cfg.kind`` names: :class:`GPT` or :class:`~drrl.models.deltanet.DeltaNetLM`."""
+    """The language model ``cfg.kind`` names: :class:`GPT`, :class:`~drrl.models.deltanet.DeltaNetLM` or a
+    transformers architecture (:class:`~drrl.models.hf.HFCausalLM`)."""
     if cfg.kind == "deltanet":
         return DeltaNetLM(cfg)
+    if cfg.kind == "hf":
+        from drrl.models.hf import HFCausalLM
+
+        return HFCausalLM(cfg)
     return GPT(cfg)

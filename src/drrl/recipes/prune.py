@@ -67,6 +67,8 @@ class PruneConfig:
     context: int | None = None  # tokens per window (a Hugging Face model's; default 512; a drrl run uses its own)
     prompt_tokens: int = 64  # Hugging Face models: generate() prompt and new tokens of the decode timing
     new_tokens: int = 32
+    scale: str = "eps"  # Hugging Face models: readout scale after pruning, eps (the unpruned one, via ε) or kernel
+    compare_scales: bool = True  # Hugging Face models: also the perplexity at the other scale
     save: bool = True
     seed: int = 0
 
@@ -81,6 +83,7 @@ class PruneConfig:
         require(
             self.split in ("train", "validation", "test"), "split", f"must be train/validation/test, got {self.split}"
         )
+        require(self.scale in ("eps", "kernel"), "scale", f"must be eps or kernel, got {self.scale!r}")
         require(self.context is None or self.context > 1, "context", f"must be > 1 tokens, got {self.context}")
         for name in ("calib_windows", "rows", "decode_batch", "timing_repeats", "prompt_tokens", "new_tokens"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")

@@ -1,9 +1,11 @@
 """``drrl prune --model``: Q/K channel pruning of a Hugging Face model's Gated DeltaNet layers (Qwen3-Next,
 Qwen3.5), one standard checkpoint per selector and ratio, and the table that says what each one costs and buys.
 
-For each selector and ratio p, a copy of the model keeps ⌊d_k (1 − p)⌋ query/key channels per key head
+The model is a Hugging Face folder or hub name, or a drrl run of ``model.kind: hf`` (``drrl prune RUN_DIR``). For
+each selector and ratio p, a copy of it keeps ⌊d_k (1 − p)⌋ query/key channels per key head
 (:func:`drrl.integrations.gated_deltanet.prune_hf`, calibrated once on windows of the calibration corpus's train
-split) and is measured on held-out windows of the same corpus (``split``):
+split; default: the run's corpus, else the embedded plays) and is measured on held-out windows (``split``) of the
+run's corpus, or of the calibration corpus for a Hugging Face model:
 
 - ``ppl`` and ``ppl_ratio`` (over the unpruned model's, same windows);
 - ``state_bytes`` / ``state_bytes_ratio``: the recurrent states the model's own cache holds after a prefill
@@ -11,6 +13,9 @@ split) and is measured on held-out windows of the same corpus (``split``):
 - ``decode_tps_b1`` / ``decode_tps_bN`` and their ratios to the unpruned model: greedy ``generate()`` tokens/s
   after the first new token at batch 1 and ``decode_batch``, the two models alternating ``timing_repeats`` times
   (medians), one pruned model per ratio (the first selector that slices);
+- ``ppl_scale_kernel`` (or ``ppl_scale_eps``; with ``compare_scales``): the perplexity of the same pruned model at
+  the other readout scale (:mod:`drrl.integrations.gated_deltanet`: ``scale="eps"``, the default, keeps the unpruned
+  scale through the norms' ε; ``"kernel"`` takes transformers' 1/√d'), what the choice costs;
 - ``reload_max_abs_diff``: the saved folder loaded back by plain ``AutoModelForCausalLM.from_pretrained``, the
   largest logit difference from the in-memory pruned model on one held-out window;
 - with ``recover``: the same perplexity after LoRA recovery on the fused input projection (``ppl_recovered``).
@@ -35,7 +40,14 @@ from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
 from drrl.errors import ConfigError, DrrlError
 from drrl.eval.perplexity import evaluate_lm
-from drrl.integrations.gated_deltanet import LAYOUTS, calibrate_hf, delta_layers, prune_hf, recurrent_state_bytes
+from drrl.integrations.gated_deltanet import (
+    LAYOUTS,
+    calibrate_hf,
+    delta_layers,
+    prune_hf,
+    recurrent_state_bytes,
+    scaled_eps,
+)
 from drrl.pruning import get_selector, kept_width
 from drrl.recipes.generate import TokenClock
 from drrl.recipes.prune import PruneConfig
@@ -45,28 +57,56 @@ from drrl.utils import atomic_dir, check_out_dir, write_json_atomic, write_text_
 log = logging.getLogger(__name__)
 
 
-def load_hf_delta_model(name_or_dir: str, cfg: PruneConfig):
-    """(model, tokenizer, path) of a Hugging Face model with Gated DeltaNet layers; a one-line error otherwise."""
+def is_hf_run(path: str | Path | None) -> bool:
+    """Whether ``path`` is a drrl run (or checkpoint) of a transformers architecture (``model.kind: hf``)."""
+    from drrl.train.checkpoint import resolve_checkpoint
+    from drrl.train.config import RunConfig
+
+    if not path:
+        return False
+    try:
+        return RunConfig.from_dict(resolve_checkpoint(path).config).model.kind == "hf"
+    except Exception:  # not a run at all: the caller's own loader says why
+        return False
+
+
+def load_hf_delta_model(source: str, cfg: PruneConfig) -> dict:
+    """The model to prune and where it came from: ``{"model", "tok", "label", "corpus", "context"}`` (the corpus and
+    context a drrl run was trained on, else None). ``source`` is a drrl run of ``model.kind: hf`` or a Hugging Face
+    folder or hub name; a one-line error when it cannot be loaded, has no Gated DeltaNet layers, or a ratio would
+    leave a head no channel."""
     from transformers import AutoModelForCausalLM
 
+    if is_hf_run(source):
+        from drrl.api import load
+        from drrl.train.config import RunConfig
+
+        wrapped, tok, ckpt = load(source, "cpu")
+        run_cfg = RunConfig.from_dict(ckpt.config)
+        found = {"model": wrapped.lm, "tok": tok, "label": str(ckpt.path), "context": run_cfg.model.context,
+                 "corpus": run_cfg.eval.corpus or run_cfg.data.corpus}  # fmt: skip
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            where = (
+                "the folder has no loadable model" if Path(source).is_dir() else "the Hugging Face hub is unreachable"
+            )
+            raise DrrlError(f"cannot load model {source!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local "
+                            "Hugging Face folder or a drrl run trained with model.kind=hf") from None  # fmt: skip
+        found = {"model": model, "tok": get_tokenizer("hf:" + str(source)), "label": str(source), "context": None,
+                 "corpus": None}  # fmt: skip
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        where = (
-            "the folder has no loadable model" if Path(name_or_dir).is_dir() else "the Hugging Face hub is unreachable"
-        )
-        raise DrrlError(f"cannot load model {name_or_dir!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local "
-                        "Hugging Face folder (e.g. one `drrl train` wrote with model.kind=hf)") from None  # fmt: skip
-    try:
-        layers = delta_layers(model)
+        layers = delta_layers(found["model"])
     except ValueError as e:
-        raise ConfigError(f"{name_or_dir}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
     for r in cfg.ratios:  # prune_hf's rule, checked before any work
         try:
             kept_width([m.head_k_dim for m in layers], r)
         except ValueError as e:
             raise ConfigError(f"--ratio: {e}") from None
-    return model.eval(), get_tokenizer("hf:" + str(name_or_dir)), str(name_or_dir)
+    found["model"].eval()
+    return found
 
 
 def _state_bytes(model, ids: torch.Tensor) -> int:
@@ -115,18 +155,21 @@ def _reload_diff(path: Path, model, ids: torch.Tensor) -> float:
 
 
 def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progress: bool = True) -> dict:
-    """Prune the Hugging Face model ``name_or_dir`` for every selector × ratio of ``cfg``; see the module doc."""
+    """Prune the Hugging Face model (or drrl run of ``model.kind: hf``) ``name_or_dir`` for every selector × ratio of
+    ``cfg``; see the module doc."""
     t0 = time.perf_counter()
     out = Path(out)
-    dense, tok, path = load_hf_delta_model(name_or_dir, cfg)
+    src = load_hf_delta_model(name_or_dir, cfg)
+    dense, tok, path = src["model"], src["tok"], src["label"]
     check_out_dir(out)
-    corpus = cfg.calibration or "shakespeare"
-    context = cfg.context or 512
-    calib_tokens = load_tokens(corpus, "train", tok)
+    corpus = src["corpus"] or cfg.calibration or "shakespeare"  # evaluated on: a run's own corpus, else calibration's
+    calib_corpus = cfg.calibration or corpus
+    context = cfg.context or src["context"] or 512
+    calib_tokens = load_tokens(calib_corpus, "train", tok)
     eval_tokens = load_tokens(corpus, cfg.split, tok)
     if cfg.eval_tokens:
         eval_tokens = eval_tokens[: cfg.eval_tokens + 1]
-    train_tokens = calib_tokens if cfg.recover else None
+    train_tokens = load_tokens(corpus, "train", tok) if cfg.recover else None
     batches = [w.view(1, -1) for w in spread_windows(calib_tokens, cfg.calib_windows, context + 1)]
     window = spread_windows(eval_tokens, 1, context)[0].long()[None]
     prompts = {b: torch.stack(spread_windows(eval_tokens, b, cfg.prompt_tokens)).long() for b in (1, cfg.decode_batch)}
@@ -144,11 +187,15 @@ def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progres
     for sel in cfg.selectors:
         for ratio in cfg.ratios:
             model = copy.deepcopy(dense)
-            info = prune_hf(model, ratio, sel, cal, seed=cfg.seed, rows=cfg.rows)
+            info = prune_hf(model, ratio, sel, cal, seed=cfg.seed, rows=cfg.rows, scale=cfg.scale)
             p, nbytes = ppl(model), _state_bytes(model, window)
             row: dict[str, Any] = {"selector": sel, "ratio": ratio, "d_k": info.d_k, "d_keep": info.d_keep, "ppl": p,
                                    "ppl_ratio": p / base_ppl, "state_bytes": nbytes,
                                    "state_bytes_ratio": nbytes / base_bytes}  # fmt: skip
+            if cfg.compare_scales and info.d_keep < info.d_k:  # the same model at the other readout scale
+                factor = info.d_keep / info.d_k if cfg.scale == "eps" else info.d_k / info.d_keep
+                with scaled_eps(model, factor):
+                    row[f"ppl_scale_{'kernel' if cfg.scale == 'eps' else 'eps'}"] = ppl(model)
             if cfg.save:
                 where = save_hf(model, tok, out / "models" / f"{sel}-{ratio:g}")
                 row["reload_max_abs_diff"] = _reload_diff(where, model, window)
@@ -173,7 +220,7 @@ def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progres
                     key = "b1" if b == 1 else f"b{b}"
                     row[f"decode_tps_{key}"], row[f"decode_speedup_{key}"] = p, p / d
     result = {
-        "model": path, "corpus": corpus, "config": _asdict(cfg), "seconds": time.perf_counter() - t0,
+        "model": path, "corpus": corpus, "calibration": calib_corpus, "config": _asdict(cfg), "seconds": time.perf_counter() - t0,
         "unpruned": {"ppl": base_ppl, "state_bytes": base_bytes, "d_k": layers[0].head_k_dim,
                      "delta_layers": len(layers), "fused_projection": fused},
         "rows": rows,
