@@ -241,22 +241,28 @@ def _asdict(cfg: PruneConfig) -> dict:
 def report_markdown(result: dict) -> str:
     base, cfg = result["unpruned"], result["config"]
     rec, b = cfg["recover"], cfg["decode_batch"]
+    other = "kernel" if cfg["scale"] == "eps" else "eps"
+    nan = float("nan")
     lines = [
         f"# Q/K channel pruning of {result['model']} ({base['delta_layers']} Gated DeltaNet layers)",
         "",
         f"Unpruned: ppl {base['ppl']:.3f} on {result['corpus']} ({cfg['split']}), d_k {base['d_k']}, recurrent state "
         f"{base['state_bytes']:,} bytes per sequence (measured from the cache). {result['machine']}.",
         "",
-        "| selector | removed | d' | ppl | × unpruned |"
+        f"Readout scale: {cfg['scale']} (`--scale`); the other scale's perplexity beside it.",
+        "",
+        f"| selector | removed | d' | ppl | × unpruned | ppl, {other} scale |"
         + (" recovered ppl | × unpruned |" if rec else "")
         + f" state bytes | decode b1 tok/s (× unpruned) | decode b{b} tok/s (× unpruned) | reload max abs Δlogit |",
-        "|---|---:|---:|---:|---:|" + ("---:|---:|" if rec else "") + "---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if rec else "") + "---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        line = f"| {r['selector']} | {r['ratio']:.0%} | {r['d_keep']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} |"
+        line = (
+            f"| {r['selector']} | {r['ratio']:.0%} | {r['d_keep']} | {r['ppl']:.3f} | {r['ppl_ratio']:.3f} "
+            f"| {r.get(f'ppl_scale_{other}', r['ppl'] if r['d_keep'] == r['d_k'] else nan):.3f} |"
+        )
         if rec:
             line += f" {r['ppl_recovered']:.3f} | {r['ppl_ratio_recovered']:.3f} |"
-        nan = float("nan")
         line += (
             f" {r['state_bytes_ratio']:.3f}× | {r.get('decode_tps_b1', nan):.1f} ({r.get('decode_speedup_b1', nan):.2f}×)"
             f" | {r.get(f'decode_tps_b{b}', nan):.1f} ({r.get(f'decode_speedup_b{b}', nan):.2f}×)"
