@@ -98,6 +98,14 @@ def test_every_shipped_config_is_valid(path):
         assert {"full", "drrl", "static", "performer", "nystrom", "linformer"} <= set(names)
         assert cfg.seeds == [0, 1, 2]
         return
+    hf_type = (load_yaml(path).get("model") or {}).get("hf", {}).get("model_type")
+    if hf_type:  # a transformers architecture: valid where the installed transformers has it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if hf_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            with pytest.raises(ConfigError, match=f"'{hf_type}' has no causal LM in transformers"):
+                RunConfig.load(path)
+            return
     cfg = RunConfig.load(path)
     assert cfg.train.max_steps > 0
     if "drrl-hybrid" in path.name:

@@ -46,7 +46,10 @@ def hf_config(cfg):
     if clash:
         raise ValueError(f"must not set {', '.join(clash)}: set model.{RESERVED[clash[0]]} instead")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"model_type {model_type!r} has no causal LM in this transformers; e.g. qwen3_5_text")
+        import transformers
+
+        raise ValueError(f"model_type {model_type!r} has no causal LM in transformers {transformers.__version__}; "
+                         "choose one it has (e.g. llama) or upgrade transformers")  # fmt: skip
     sizes = dict(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                  vocab_size=cfg.vocab_size, max_position_embeddings=cfg.context, tie_word_embeddings=True)  # fmt: skip
     return AutoConfig.for_model(model_type, **sizes, **spec)
