@@ -84,7 +84,7 @@ class GPT2Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
 
-    @property
+    @functools.cached_property
     def hf(self):
         """The same encoding as a ``transformers`` tokenizer (GPT2TokenizerFast on the same files), to save beside
         a model that plain transformers loads."""

@@ -69,9 +69,12 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust_remote_code: bool = False,
+                   attention_surgery: bool = True):  # fmt: skip
     """Load a causal LM for drrl: the embedded SmolLM2-135M by default, else a local folder or a hub name
-    (online only). Returns ``(model, path)``; ``get_tokenizer("hf:" + path)`` gives its tokenizer."""
+    (online only). Returns ``(model, path)``; ``get_tokenizer("hf:" + path)`` gives its tokenizer.
+    ``attention_surgery``: refuse, now and in one line, a family whose attention DR-RL cannot replace (off for
+    jobs that leave the attention alone, e.g. pruning a hybrid's delta-rule layers)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_dir)
@@ -85,5 +88,6 @@ def load_causal_lm(name_or_dir: str | None = None, *, dtype=torch.float32, trust
             f"cannot load model {path!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local Hugging Face model "
             f"folder or use the embedded default ({EMBEDDED_MODEL})"
         ) from None
-    _geometry(model)  # a clear error now for unsupported families
+    if attention_surgery:
+        _geometry(model)  # a clear error now for unsupported families
     return model.eval(), path

@@ -31,6 +31,7 @@ import logging
 import platform
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ import torch
 
 from drrl.data.tokenizer import get_tokenizer
 from drrl.data.tokens import load_tokens, spread_windows
-from drrl.errors import ConfigError, DrrlError
+from drrl.errors import ConfigError
 from drrl.eval.perplexity import evaluate_lm
+from drrl.integrations import load_causal_lm
 from drrl.integrations.gated_deltanet import (
     LAYOUTS,
     calibrate_hf,
@@ -75,8 +77,6 @@ def load_hf_delta_model(source: str, cfg: PruneConfig) -> dict:
     context a drrl run was trained on, else None). ``source`` is a drrl run of ``model.kind: hf`` or a Hugging Face
     folder or hub name; a one-line error when it cannot be loaded, has no Gated DeltaNet layers, or a ratio would
     leave a head no channel."""
-    from transformers import AutoModelForCausalLM
-
     if is_hf_run(source):
         from drrl.api import load
         from drrl.train.config import RunConfig
@@ -86,16 +86,8 @@ def load_hf_delta_model(source: str, cfg: PruneConfig) -> dict:
         found = {"model": wrapped.lm, "tok": tok, "label": str(ckpt.path), "context": run_cfg.model.context,
                  "corpus": run_cfg.eval.corpus or run_cfg.data.corpus}  # fmt: skip
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            where = (
-                "the folder has no loadable model" if Path(source).is_dir() else "the Hugging Face hub is unreachable"
-            )
-            raise DrrlError(f"cannot load model {source!r} ({where}: {str(e).splitlines()[0][:120]}); pass a local "
-                            "Hugging Face folder or a drrl run trained with model.kind=hf") from None  # fmt: skip
-        found = {"model": model, "tok": get_tokenizer("hf:" + str(source)), "label": str(source), "context": None,
-                 "corpus": None}  # fmt: skip
+        model, path = load_causal_lm(source, attention_surgery=False)
+        found = {"model": model, "tok": get_tokenizer("hf:" + path), "label": path, "context": None, "corpus": None}
     try:
         layers = delta_layers(found["model"])
     except ValueError as e:
@@ -169,7 +161,9 @@ def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progres
     eval_tokens = load_tokens(corpus, cfg.split, tok)
     if cfg.eval_tokens:
         eval_tokens = eval_tokens[: cfg.eval_tokens + 1]
-    train_tokens = load_tokens(corpus, "train", tok) if cfg.recover else None
+    train_tokens = None
+    if cfg.recover:  # recovery trains on the evaluated corpus's training split (the calibration's, unless told)
+        train_tokens = calib_tokens if calib_corpus == corpus else load_tokens(corpus, "train", tok)
     batches = [w.view(1, -1) for w in spread_windows(calib_tokens, cfg.calib_windows, context + 1)]
     window = spread_windows(eval_tokens, 1, context)[0].long()[None]
     prompts = {b: torch.stack(spread_windows(eval_tokens, b, cfg.prompt_tokens)).long() for b in (1, cfg.decode_batch)}
@@ -220,7 +214,7 @@ def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progres
                     key = "b1" if b == 1 else f"b{b}"
                     row[f"decode_tps_{key}"], row[f"decode_speedup_{key}"] = p, p / d
     result = {
-        "model": path, "corpus": corpus, "calibration": calib_corpus, "config": _asdict(cfg), "seconds": time.perf_counter() - t0,
+        "model": path, "corpus": corpus, "calibration": calib_corpus, "config": asdict(cfg), "seconds": time.perf_counter() - t0,
         "unpruned": {"ppl": base_ppl, "state_bytes": base_bytes, "d_k": layers[0].head_k_dim,
                      "delta_layers": len(layers), "fused_projection": fused},
         "rows": rows,
@@ -230,12 +224,6 @@ def run_prune_hf(name_or_dir: str, cfg: PruneConfig, out: str | Path, *, progres
     write_json_atomic(out / "report.json", result)
     write_text_atomic(out / "report.md", report_markdown(result))
     return result
-
-
-def _asdict(cfg: PruneConfig) -> dict:
-    from dataclasses import asdict
-
-    return asdict(cfg)
 
 
 def report_markdown(result: dict) -> str:
